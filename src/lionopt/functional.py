@@ -1,0 +1,149 @@
+"""The functional Lion step, and the dispatch to its implementations.
+
+``lion(params, grads, exp_avgs, ...)`` updates ``params`` and ``exp_avgs`` in place. It is what
+``lionopt.Lion.step`` calls, and it is public for users who manage their own state.
+
+Tensors are grouped by device and dtype; each group goes to one implementation:
+
+- ``fused``: one compiled pass per group (C++ on CPU, Triton on CUDA), the default where it runs;
+- ``foreach``: ``torch._foreach_*`` ops, the default elsewhere and under ``torch.compile``;
+- the single-tensor reference loop (``foreach=False, fused=False``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from functools import cache
+
+import torch
+from torch import Tensor
+
+from lionopt.kernels._common import LionHyper
+from lionopt.kernels.foreach import multi_tensor_lion
+from lionopt.kernels.reference import single_tensor_lion
+
+__all__ = ["lion"]
+
+_FUSED_BACKENDS = {"cpu": "lionopt.kernels.fused_cpu", "cuda": "lionopt.kernels.triton_lion"}
+
+
+def lion(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    *,
+    lr: float | Tensor | Sequence[float],
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    maximize: bool = False,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+    cautious: bool = False,
+    cautious_weight_decay: bool = False,
+) -> None:
+    """One Lion step, in place: for each parameter θ with gradient g and momentum m,
+
+    ``c = β1·m + (1−β1)·g;  θ ← θ·(1−lr·λ) − lr·sign(c);  m ← β2·m + (1−β2)·g``.
+
+    ``lr`` is a float, a 0-dim Tensor, or one float per parameter. ``cautious`` masks the
+    coordinates where sign(c) disagrees with g and rescales by 1/mean(mask) (clamped at 1e-3);
+    ``cautious_weight_decay`` decays only where sign(θ) agrees with the update.
+    """
+    if not len(params) == len(grads) == len(exp_avgs):
+        raise ValueError(
+            "params, grads and exp_avgs must have the same length, got "
+            f"{len(params)}, {len(grads)} and {len(exp_avgs)}"
+        )
+    if fused and foreach:
+        raise ValueError("`fused` and `foreach` cannot be `True` together.")
+    compiling = torch.compiler.is_compiling()
+    if isinstance(lr, Tensor) and not compiling:
+        lr = lr.item()
+    hyper = LionHyper(
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        weight_decay=weight_decay,
+        maximize=maximize,
+        cautious=cautious,
+        cautious_weight_decay=cautious_weight_decay,
+    )
+    if not params:
+        return
+    if compiling:
+        # Inductor fuses the foreach ops itself; the compiled kernels are opaque to it.
+        impl = single_tensor_lion if foreach is False else multi_tensor_lion
+        impl(params, grads, exp_avgs, hyper)
+        return
+
+    for (device_type, _), (indices, group) in _group_by_device_and_dtype(
+        params, grads, exp_avgs
+    ).items():
+        group_hyper = hyper if _is_scalar_lr(lr) else _with_lrs(hyper, [lr[i] for i in indices])
+        if fused is not False and foreach is not True:
+            backend = _fused_backend(device_type, explicit=bool(fused))
+            if backend is not None and backend.supports(*group, group_hyper):
+                backend.lion_step(*group, group_hyper)
+                continue
+            if fused:
+                _warn_once(
+                    f"lionopt: fused=True is not supported for these {device_type} tensors "
+                    "(dtype, layout or options); using the foreach path."
+                )
+        if foreach is False:
+            single_tensor_lion(*group, group_hyper)
+        else:
+            multi_tensor_lion(*group, group_hyper)
+
+
+def _is_scalar_lr(lr: object) -> bool:
+    return isinstance(lr, (int, float, Tensor))
+
+
+def _with_lrs(hyper: LionHyper, lrs: list[float]) -> LionHyper:
+    return LionHyper(**{**hyper.__dict__, "lr": lrs})
+
+
+def _group_by_device_and_dtype(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]
+) -> dict[tuple, tuple[list[int], tuple[list[Tensor], list[Tensor], list[Tensor]]]]:
+    groups: dict[tuple, tuple[list[int], tuple[list[Tensor], list[Tensor], list[Tensor]]]] = {}
+    for i, (p, g, m) in enumerate(zip(params, grads, exp_avgs)):
+        key = (p.device.type, (p.device, p.dtype, g.dtype, m.dtype))
+        indices, lists = groups.setdefault(key, ([], ([], [], [])))
+        indices.append(i)
+        for tensors, t in zip(lists, (p, g, m)):
+            tensors.append(t)
+    return groups
+
+
+def _fused_backend(device_type: str, explicit: bool):
+    """The fused-kernel module for a device type, or None where it cannot run here."""
+    module_name = _FUSED_BACKENDS.get(device_type)
+    if module_name is None:
+        return None
+    backend = _import_backend(module_name)
+    if backend is None or not backend.available():
+        if explicit:
+            _warn_once(
+                f"lionopt: the fused {device_type} kernel is not available; using the foreach path."
+            )
+        return None
+    return backend
+
+
+@cache
+def _import_backend(module_name: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module_name)
+    except ImportError:
+        return None
+
+
+@cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)

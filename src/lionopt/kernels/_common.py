@@ -1,0 +1,55 @@
+"""Pieces shared by every Lion implementation: the hyperparameters of one call, and helpers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+#: Cautious Lion divides the masked update by mean(mask), clamped at this floor, as in the
+#: Cautious Optimizers paper's reference code (arXiv 2411.16085).
+CAUTIOUS_MEAN_FLOOR = 1e-3
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class LionHyper:
+    """Hyperparameters of one Lion step over a list of tensors.
+
+    ``lr`` is one float for every tensor, or one float per tensor (Tiger's per-tensor lr).
+    """
+
+    lr: float | Sequence[float]
+    beta1: float
+    beta2: float
+    weight_decay: float
+    maximize: bool = False
+    cautious: bool = False
+    cautious_weight_decay: bool = False
+
+    def lrs(self, count: int) -> Sequence[float]:
+        if isinstance(self.lr, (int, float)):
+            return [float(self.lr)] * count
+        if len(self.lr) != count:
+            raise ValueError(f"Expected {count} learning rates, got {len(self.lr)}")
+        return self.lr
+
+    @property
+    def uniform_lr(self) -> float | None:
+        """The lr shared by every tensor, or None when lrs differ per tensor."""
+        if isinstance(self.lr, (int, float)):
+            return float(self.lr)
+        first = self.lr[0] if len(self.lr) else 0.0
+        return float(first) if all(lr == first for lr in self.lr) else None
+
+
+def is_low_precision(tensor: Tensor) -> bool:
+    return tensor.dtype in _LOW_PRECISION
+
+
+def cautious_scale(agree: Tensor) -> Tensor:
+    """1 / mean(agree), with the mean clamped away from 0 (a 0-dim tensor, no host sync)."""
+    return agree.mean().clamp(min=CAUTIOUS_MEAN_FLOOR).reciprocal()

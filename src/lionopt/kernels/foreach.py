@@ -1,0 +1,78 @@
+"""The multi-tensor Lion step: the reference math with ``torch._foreach_*`` ops.
+
+Same operation order as ``reference``, so it is bitwise equal to it in every dtype. It
+allocates one update-sized temporary per tensor; the fused kernels avoid that.
+``lr`` may be a 0-dim Tensor here (the path ``torch.compile`` traces).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lionopt.kernels._common import LionHyper, cautious_scale, is_low_precision
+
+
+def multi_tensor_lion(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], hyper: LionHyper
+) -> None:
+    if not params:
+        return
+    if torch.is_complex(params[0]):
+        params, grads, exp_avgs = (
+            [torch.view_as_real(t) for t in tensors] for tensors in (params, grads, exp_avgs)
+        )
+    if hyper.maximize:
+        grads = torch._foreach_neg(grads)
+
+    low_precision = is_low_precision(params[0]) or is_low_precision(exp_avgs[0])
+    if low_precision:
+        thetas = [p.float() for p in params]
+        moms = [m.float() for m in exp_avgs]
+        grads = [g.float() for g in grads]
+    else:
+        thetas, moms = params, exp_avgs
+        grads = [g.to(p.dtype) for p, g in zip(params, grads)]
+
+    directions = list(torch._foreach_mul(moms, hyper.beta1))
+    torch._foreach_add_(directions, torch._foreach_mul(grads, 1 - hyper.beta1))
+    torch._foreach_sign_(directions)
+    updates = directions
+    if hyper.cautious:
+        updates = []
+        for i, (direction, grad) in enumerate(zip(directions, grads)):
+            agree = (direction * grad > 0).to(direction.dtype)
+            directions[i] = direction * agree
+            updates.append(directions[i] * cautious_scale(agree))
+
+    lr = hyper.lr if isinstance(hyper.lr, Tensor) else hyper.uniform_lr
+    if hyper.weight_decay != 0:
+        _apply_decay(thetas, directions, hyper, lr)
+    if isinstance(lr, float):
+        torch._foreach_add_(thetas, updates, alpha=-lr)
+    else:
+        neg_lrs = -lr if isinstance(lr, Tensor) else [-x for x in hyper.lrs(len(thetas))]
+        torch._foreach_add_(thetas, torch._foreach_mul(updates, neg_lrs))
+
+    torch._foreach_mul_(moms, hyper.beta2)
+    torch._foreach_add_(moms, grads, alpha=1 - hyper.beta2)
+
+    if low_precision:
+        torch._foreach_copy_(params, thetas)
+        torch._foreach_copy_(exp_avgs, moms)
+
+
+def _apply_decay(
+    thetas: list[Tensor], directions: list[Tensor], hyper: LionHyper, lr: float | Tensor | None
+) -> None:
+    if lr is None:
+        decays = [1 - x * hyper.weight_decay for x in hyper.lrs(len(thetas))]
+    else:
+        decays = 1 - lr * hyper.weight_decay
+    if not hyper.cautious_weight_decay:
+        torch._foreach_mul_(thetas, decays)
+        return
+    decayed = torch._foreach_mul(thetas, decays)
+    for theta, theta_decayed, direction in zip(thetas, decayed, directions):
+        decays_here = (torch.sign(theta) == direction) & (direction != 0)
+        theta.copy_(torch.where(decays_here, theta_decayed, theta))

@@ -1,0 +1,226 @@
+"""``lionopt.Lion``: the Lion optimizer as a drop-in ``torch.optim.Optimizer``.
+
+The class owns parameter groups, state and validation; the math is in
+``lionopt.functional.lion``. State per parameter is one tensor, ``exp_avg`` (the momentum), the
+same key the official code and the common PyTorch ports use, so checkpoints move both ways.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lionopt.functional import lion
+
+__all__ = ["Lion"]
+
+ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
+
+_GROUP_DEFAULTS = {
+    "maximize": False,
+    "foreach": None,
+    "fused": None,
+    "cautious": False,
+    "cautious_weight_decay": False,
+    "decouple_lr": False,
+    "max_lr": None,
+}
+
+
+class SparseGradientError(RuntimeError, ValueError):
+    """Lion got a sparse gradient, which it does not support."""
+
+
+class Lion(Optimizer):
+    r"""Lion: EvoLved Sign Momentum (Chen et al. 2023, arXiv 2302.06675).
+
+    For each parameter θ with gradient g and momentum m (``state["exp_avg"]``)::
+
+        c = β1·m + (1 − β1)·g
+        θ ← θ·(1 − lr·λ) − lr·sign(c)
+        m ← β2·m + (1 − β2)·g
+
+    Args:
+        params: parameters or parameter-group dicts.
+        lr: learning rate, a float or a 0-dim Tensor (3-10x smaller than AdamW's).
+        betas: (β1, β2): interpolation for the update direction, and momentum decay.
+        weight_decay: decoupled weight decay λ (3-10x larger than AdamW's); the step
+            multiplies θ by 1 − lr·λ.
+        maximize: maximise the objective instead of minimising it.
+        foreach: use the ``torch._foreach_*`` implementation.
+        fused: use the fused kernel (C++ on CPU, Triton on CUDA). With both ``None`` (the
+            default) the fastest implementation that supports the tensors is used.
+        cautious: Cautious Lion (arXiv 2411.16085): drop the coordinates where sign(c)
+            disagrees with the gradient, and rescale by 1/mean(mask) (mean clamped at 1e-3).
+        cautious_weight_decay: decay only where sign(θ) agrees with the update (arXiv 2510.12402).
+        decouple_lr: fully decoupled weight decay: the per-step decay is λ·lr_t/max_lr, so it
+            follows the schedule but not the lr's scale.
+        max_lr: the divisor for ``decouple_lr``; defaults to each group's lr when the group is
+            added. Stored per group, so it is saved and restored with the state dict.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        cautious: bool = False,
+        cautious_weight_decay: bool = False,
+        decouple_lr: bool = False,
+        max_lr: float | None = None,
+    ) -> None:
+        if fused and foreach:
+            raise ValueError("`fused` and `foreach` cannot be `True` together.")
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            foreach=foreach,
+            fused=fused,
+            cautious=cautious,
+            cautious_weight_decay=cautious_weight_decay,
+            decouple_lr=decouple_lr,
+            max_lr=max_lr,
+        )
+        _validate_group(defaults)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        _validate_group({**self.defaults, **param_group})
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if group["decouple_lr"] and group["max_lr"] is None:
+            group["max_lr"] = _as_float(group["lr"])
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in _GROUP_DEFAULTS.items():
+                group.setdefault(key, value)
+            if group["decouple_lr"] and group["max_lr"] is None:
+                group["max_lr"] = _as_float(group["lr"])
+
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        exp_avgs: list[Tensor],
+    ) -> bool:
+        """Collect the group's parameters that have a gradient, creating their state.
+
+        Follows torch.optim's ``_init_group`` convention (fill lists, return whether any
+        parameter is complex), which ``torch.compile`` recognises.
+        """
+        has_complex = False
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise SparseGradientError(
+                    "Lion does not support sparse gradients; use dense gradients "
+                    "(e.g. nn.Embedding(sparse=False))"
+                )
+            state = self.state[p]
+            if "exp_avg" not in state:
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            has_complex |= torch.is_complex(p)
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+        return has_complex
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            exp_avgs: list[Tensor] = []
+            self._init_group(group, params, grads, exp_avgs)
+            if not params:
+                continue
+            beta1, beta2 = group["betas"]
+            weight_decay = group["weight_decay"]
+            if group["decouple_lr"] and weight_decay != 0:
+                weight_decay = weight_decay / group["max_lr"]
+            lion(
+                params,
+                grads,
+                exp_avgs,
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=weight_decay,
+                maximize=group["maximize"],
+                foreach=group["foreach"],
+                fused=group["fused"],
+                cautious=group["cautious"],
+                cautious_weight_decay=group["cautious_weight_decay"],
+            )
+        return loss
+
+
+def _as_float(value: float | Tensor) -> float:
+    return value.item() if isinstance(value, Tensor) else float(value)
+
+
+def _validate_group(group: dict[str, Any]) -> None:
+    """Raise ValueError, in torch.optim's wording, for a hyperparameter Lion cannot use."""
+    lr = group["lr"]
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        lr = lr.item()
+    if not _is_finite_at_least(_real_number("learning rate", lr), 0.0):
+        raise ValueError(f"Invalid learning rate: {lr}")
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas!r}; expected a pair (beta1, beta2)")
+    for index, beta in enumerate(betas):
+        if not 0.0 <= _real_number(f"beta parameter at index {index}", beta) < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
+    weight_decay = group["weight_decay"]
+    if not _is_finite_at_least(_real_number("weight_decay value", weight_decay), 0.0):
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    max_lr = group.get("max_lr")
+    if max_lr is not None:
+        value = _real_number("max_lr value", max_lr)
+        if not _is_finite_at_least(value, 0.0) or value == 0.0:
+            raise ValueError(f"Invalid max_lr value: {max_lr}")
+    for flag in ("maximize", "cautious", "cautious_weight_decay", "decouple_lr"):
+        if flag in group and not isinstance(group[flag], bool):
+            raise ValueError(f"Invalid {flag} value: {group[flag]!r}; expected a bool")
+    for flag in ("foreach", "fused"):
+        if group.get(flag) not in (None, True, False):
+            raise ValueError(f"Invalid {flag} value: {group[flag]!r}; expected None or a bool")
+
+
+def _is_finite_at_least(value: float, low: float) -> bool:
+    return math.isfinite(value) and value >= low
+
+
+def _real_number(name: str, value: Any) -> float:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Invalid {name}: {value!r}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"Invalid {name}: {value!r}")
+    return float(value)
