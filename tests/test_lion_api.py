@@ -8,13 +8,14 @@ import pickle
 
 import pytest
 import torch
-from official_lion import OfficialLion
-from support import IMPLEMENTATIONS
 from torch import nn
 
 import lionopt
 from lionopt import Lion, SparseGradientError
 from lionopt.functional import lion
+
+from official_lion import OfficialLion
+from support import IMPLEMENTATIONS
 
 
 def make_model(seed: int = 0) -> nn.Module:
@@ -24,7 +25,9 @@ def make_model(seed: int = 0) -> nn.Module:
 
 def batches(count: int, seed: int = 99) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(16, 6, generator=gen), torch.randn(16, 3, generator=gen)) for _ in range(count)]
+    return [
+        (torch.randn(16, 6, generator=gen), torch.randn(16, 3, generator=gen)) for _ in range(count)
+    ]
 
 
 def train_steps(model: nn.Module, opt: torch.optim.Optimizer, data) -> None:
@@ -186,7 +189,10 @@ def test_complex_parameters_match_their_real_view_bitwise(implementation, dtype)
         opt_c.step()
         opt_r.step()
     assert torch.equal(torch.view_as_real(complex_param.detach()), real_param)
-    assert torch.equal(torch.view_as_real(opt_c.state[complex_param]["exp_avg"]), opt_r.state[real_param]["exp_avg"])
+    assert torch.equal(
+        torch.view_as_real(opt_c.state[complex_param]["exp_avg"]),
+        opt_r.state[real_param]["exp_avg"],
+    )
 
 
 @pytest.mark.parametrize("lr_dtype", [torch.float32, torch.float64], ids=str)
