@@ -1,11 +1,22 @@
 """lionopt: the Lion optimizer (EvoLved Sign Momentum) for PyTorch.
 
 ``lionopt.Lion`` is a drop-in ``torch.optim.Optimizer``; ``lionopt.functional.lion`` is the
-functional step it calls.
+functional step it calls. ``Tiger`` and ``Signum`` are the family's variants, ``hparams`` holds
+the hyperparameter rules and ``diagnostics`` the on-demand training figures.
 """
 
-from lionopt import functional, hparams
+from lionopt import diagnostics, functional, hparams
 from lionopt.lion import Lion, SparseGradientError
+from lionopt.variants import Signum, Tiger, tiger_param_groups
 
-__all__ = ["Lion", "SparseGradientError", "functional", "hparams"]
+__all__ = [
+    "Lion",
+    "Signum",
+    "SparseGradientError",
+    "Tiger",
+    "diagnostics",
+    "functional",
+    "hparams",
+    "tiger_param_groups",
+]
 __version__ = "0.1.0"
