@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from golden import golden_lion_step
-from support import IMPLEMENTATIONS
 from numpy.testing import assert_allclose
 
 from lionopt import Lion
 from lionopt.functional import lion
+
+from golden import golden_lion_step
+from support import IMPLEMENTATIONS
 
 STEPS = 30
 HYPER = dict(lr=3e-2, betas=(0.9, 0.99), weight_decay=0.5)

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import IMPLEMENTATIONS
 from torch import nn
 
 from lionopt import Lion
+
+from support import IMPLEMENTATIONS
 
 STEPS = 24
 FREEZE_UNTIL = 9

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from functools import cache
 
 import torch
@@ -21,11 +22,13 @@ from torch import Tensor
 
 from lionopt.kernels._common import LionHyper
 from lionopt.kernels.foreach import multi_tensor_lion
+from lionopt.kernels.quantized import quantized_lion
 from lionopt.kernels.reference import single_tensor_lion
 
 __all__ = ["lion"]
 
 _FUSED_BACKENDS = {"cpu": "lionopt.kernels.fused_cpu", "cuda": "lionopt.kernels.triton_lion"}
+_ROUNDING_BACKENDS = {"cpu": "lionopt.kernels.fused_quant_cpu"}
 
 
 def lion(
@@ -42,6 +45,8 @@ def lion(
     fused: bool | None = None,
     cautious: bool = False,
     cautious_weight_decay: bool = False,
+    exp_avg_scales: Sequence[Tensor | None] | None = None,
+    rounding_keys: Sequence[int] | None = None,
 ) -> None:
     """One Lion step, in place: for each parameter θ with gradient g and momentum m,
 
@@ -50,6 +55,11 @@ def lion(
     ``lr`` is a float, a 0-dim Tensor, or one float per parameter. ``cautious`` masks the
     coordinates where sign(c) disagrees with g and rescales by 1/mean(mask) (clamped at 1e-3);
     ``cautious_weight_decay`` decays only where sign(θ) agrees with the update.
+
+    8-bit momentum: ``exp_avgs[i]`` holds int8 codes and ``exp_avg_scales[i]`` the per-block
+    scales (``lionopt.kernels.quantized``; None for an ordinary momentum). ``rounding_keys``:
+    one 32-bit key per tensor (``lionopt.kernels.rounding.rounding_key(seed, step, index)``)
+    to round bf16 parameters stochastically; None rounds to nearest.
     """
     if not len(params) == len(grads) == len(exp_avgs):
         raise ValueError(
@@ -58,6 +68,8 @@ def lion(
         )
     if fused and foreach:
         raise ValueError("`fused` and `foreach` cannot be `True` together.")
+    if rounding_keys is not None and any(p.dtype == torch.float16 for p in params):
+        raise ValueError("stochastic rounding is implemented for bfloat16 parameters, not float16")
     compiling = torch.compiler.is_compiling()
     if isinstance(lr, Tensor) and not compiling:
         lr = lr.item()
@@ -69,21 +81,34 @@ def lion(
         maximize=maximize,
         cautious=cautious,
         cautious_weight_decay=cautious_weight_decay,
+        rounding_keys=None if rounding_keys is None else list(rounding_keys),
     )
     if not params:
         return
-    if compiling:
+    if compiling and exp_avg_scales is None:
         # Inductor fuses the foreach ops itself; the compiled kernels are opaque to it.
         impl = single_tensor_lion if foreach is False else multi_tensor_lion
         impl(params, grads, exp_avgs, hyper)
         return
 
-    for (device_type, _), (indices, group) in _group_by_device_and_dtype(
+    for (device_type, dtypes), (indices, group) in _group_by_device_and_dtype(
         params, grads, exp_avgs
     ).items():
         group_hyper = hyper if _is_scalar_lr(lr) else _with_lrs(hyper, [lr[i] for i in indices])
+        if rounding_keys is not None:
+            group_hyper = replace(group_hyper, rounding_keys=[rounding_keys[i] for i in indices])
+        if dtypes[3] == torch.int8:  # 8-bit blockwise momentum
+            if exp_avg_scales is None:
+                raise ValueError("int8 exp_avgs (8-bit momentum) need their exp_avg_scales")
+            scales = [exp_avg_scales[i] for i in indices]
+            quantized_lion(*group, scales, group_hyper, foreach=foreach, fused=fused)
+            continue
         if fused is not False and foreach is not True:
-            backend = _fused_backend(device_type, explicit=bool(fused))
+            rounds = rounding_keys is not None and dtypes[1] == torch.bfloat16
+            backend = _fused_backend(device_type, explicit=bool(fused), rounding=rounds)
+            if not rounds and backend is not None and not backend.supports(*group, group_hyper):
+                # The rounding kernel also covers a few more dtype pairs (fp32 θ, bf16 m).
+                backend = _fused_backend(device_type, explicit=False, rounding=True) or backend
             if backend is not None and backend.supports(*group, group_hyper):
                 backend.lion_step(*group, group_hyper)
                 continue
@@ -119,9 +144,12 @@ def _group_by_device_and_dtype(
     return groups
 
 
-def _fused_backend(device_type: str, explicit: bool):
-    """The fused-kernel module for a device type, or None where it cannot run here."""
-    module_name = _FUSED_BACKENDS.get(device_type)
+def _fused_backend(device_type: str, explicit: bool, rounding: bool = False):
+    """The fused-kernel module for a device type, or None where it cannot run here.
+
+    ``rounding``: the group's bf16 weights are rounded stochastically (a kernel of its own).
+    """
+    module_name = (_ROUNDING_BACKENDS if rounding else _FUSED_BACKENDS).get(device_type)
     if module_name is None:
         return None
     backend = _import_backend(module_name)

@@ -16,6 +16,13 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lionopt.functional import lion
+from lionopt.kernels.quantized import (
+    convert_loaded_state,
+    convert_momentum,
+    normalize_momentum_dtype,
+    remember_loaded_state,
+)
+from lionopt.kernels.rounding import rounding_key
 
 __all__ = ["Lion"]
 
@@ -29,6 +36,9 @@ _GROUP_DEFAULTS = {
     "cautious_weight_decay": False,
     "decouple_lr": False,
     "max_lr": None,
+    "momentum_dtype": None,
+    "stochastic_rounding": False,
+    "seed": 0,
 }
 
 
@@ -62,6 +72,20 @@ class Lion(Optimizer):
             follows the schedule but not the lr's scale.
         max_lr: the divisor for ``decouple_lr``; defaults to each group's lr when the group is
             added. Stored per group, so it is saved and restored with the state dict.
+        momentum_dtype: storage of the momentum: None (the parameter's dtype, as the official
+            code), ``torch.float32``, ``torch.bfloat16``, or ``"int8"``: 8-bit blockwise
+            (256-element blocks, fp32 absmax scale each, 1.016 bytes/param; parameters under
+            4096 elements stay fp32; see ``lionopt.kernels.quantized``). Also "fp32", "bf16",
+            "8bit". The math is fp32 in every case. It is a property of this optimizer, not of
+            a checkpoint: ``load_state_dict`` converts the loaded momentum to it.
+        stochastic_rounding: round bf16 parameters stochastically (unbiased) after each step
+            instead of to nearest, so steps smaller than half a bf16 ulp still move the weights
+            on average. The bits come from a counter-based hash of (seed, step, index): every
+            implementation draws the same bits, and a resumed run draws them again (each
+            parameter's ``state["step"]`` counts its steps). fp32 parameters are unaffected;
+            fp16 parameters are not supported.
+        seed: the seed of stochastic rounding (saved with the group; default 0, so runs and
+            data-parallel ranks round identically).
     """
 
     def __init__(
@@ -78,6 +102,9 @@ class Lion(Optimizer):
         cautious_weight_decay: bool = False,
         decouple_lr: bool = False,
         max_lr: float | None = None,
+        momentum_dtype: torch.dtype | str | None = None,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
     ) -> None:
         if fused and foreach:
             raise ValueError("`fused` and `foreach` cannot be `True` together.")
@@ -92,11 +119,24 @@ class Lion(Optimizer):
             cautious_weight_decay=cautious_weight_decay,
             decouple_lr=decouple_lr,
             max_lr=max_lr,
+            momentum_dtype=normalize_momentum_dtype(momentum_dtype),
+            stochastic_rounding=stochastic_rounding,
+            seed=seed,
         )
         _validate_group(defaults)
         super().__init__(params, defaults)
+        self._register_state_hooks()
+
+    def _register_state_hooks(self) -> None:
+        """Loading a state dict keeps this optimizer's momentum_dtype and converts to it."""
+        if not getattr(self, "_state_hooks_registered", False):
+            self.register_load_state_dict_pre_hook(remember_loaded_state)
+            self.register_load_state_dict_post_hook(convert_loaded_state)
+            self._state_hooks_registered = True
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "momentum_dtype" in param_group:
+            param_group["momentum_dtype"] = normalize_momentum_dtype(param_group["momentum_dtype"])
         _validate_group({**self.defaults, **param_group})
         super().add_param_group(param_group)
         group = self.param_groups[-1]
@@ -105,6 +145,7 @@ class Lion(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._register_state_hooks()
         for group in self.param_groups:
             for key, value in _GROUP_DEFAULTS.items():
                 group.setdefault(key, value)
@@ -133,8 +174,7 @@ class Lion(Optimizer):
                     "(e.g. nn.Embedding(sparse=False))"
                 )
             state = self.state[p]
-            if "exp_avg" not in state:
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            convert_momentum(state, p, group["momentum_dtype"])
             has_complex |= torch.is_complex(p)
             params.append(p)
             grads.append(p.grad)
@@ -173,8 +213,34 @@ class Lion(Optimizer):
                 fused=group["fused"],
                 cautious=group["cautious"],
                 cautious_weight_decay=group["cautious_weight_decay"],
+                exp_avg_scales=self._exp_avg_scales(params),
+                rounding_keys=self._rounding_keys(group, params),
             )
         return loss
+
+    def _exp_avg_scales(self, params: list[Tensor]) -> list[Tensor | None] | None:
+        scales = [self.state[p].get("exp_avg_scale") for p in params]
+        return scales if any(s is not None for s in scales) else None
+
+    def _rounding_keys(self, group: dict[str, Any], params: list[Tensor]) -> list[int] | None:
+        """This step's per-tensor stochastic-rounding keys; advances each ``state["step"]``."""
+        if not group["stochastic_rounding"]:
+            return None
+        first = 0
+        for other in self.param_groups:
+            if other is group:
+                break
+            first += len(other["params"])
+        index = {id(p): first + i for i, p in enumerate(group["params"])}
+        keys = []
+        for p in params:
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.zeros((), dtype=torch.int64)
+            step = state["step"]
+            keys.append(rounding_key(group["seed"], int(step), index[id(p)]))
+            step += 1
+        return keys
 
 
 def _as_float(value: float | Tensor) -> float:
@@ -204,7 +270,12 @@ def _validate_group(group: dict[str, Any]) -> None:
         value = _real_number("max_lr value", max_lr)
         if not _is_finite_at_least(value, 0.0) or value == 0.0:
             raise ValueError(f"Invalid max_lr value: {max_lr}")
-    for flag in ("maximize", "cautious", "cautious_weight_decay", "decouple_lr"):
+    normalize_momentum_dtype(group.get("momentum_dtype"))
+    seed = group.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"Invalid seed value: {seed!r}; expected a non-negative int")
+    flags = ("maximize", "cautious", "cautious_weight_decay", "decouple_lr", "stochastic_rounding")
+    for flag in flags:
         if flag in group and not isinstance(group[flag], bool):
             raise ValueError(f"Invalid {flag} value: {group[flag]!r}; expected a bool")
     for flag in ("foreach", "fused"):

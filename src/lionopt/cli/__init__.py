@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lionopt", description="Lion optimizer: benchmarks and Lion-vs-AdamW comparisons."
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module_name in _SUBCOMMANDS.items():
+    for module_name in _SUBCOMMANDS.values():
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:

@@ -29,6 +29,17 @@ class LionHyper:
     maximize: bool = False
     cautious: bool = False
     cautious_weight_decay: bool = False
+    #: One 32-bit key per tensor: stochastic rounding of bf16 parameters (``kernels.rounding``).
+    #: None: round to nearest.
+    rounding_keys: Sequence[int] | None = None
+
+    def keys(self, count: int) -> Sequence[int | None]:
+        """Each tensor's rounding key, or None for every tensor when rounding to nearest."""
+        if self.rounding_keys is None:
+            return [None] * count
+        if len(self.rounding_keys) != count:
+            raise ValueError(f"Expected {count} rounding keys, got {len(self.rounding_keys)}")
+        return self.rounding_keys
 
     def lrs(self, count: int) -> Sequence[float]:
         if isinstance(self.lr, (int, float)):

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from lionopt.kernels._common import LionHyper, cautious_scale, is_low_precision
+from lionopt.kernels.rounding import store_params
 
 
 def multi_tensor_lion(
@@ -58,7 +59,7 @@ def multi_tensor_lion(
     torch._foreach_add_(moms, grads, alpha=1 - hyper.beta2)
 
     if low_precision:
-        torch._foreach_copy_(params, thetas)
+        store_params(params, thetas, hyper.rounding_keys)
         torch._foreach_copy_(exp_avgs, moms)
 
 

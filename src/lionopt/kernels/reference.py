@@ -10,7 +10,8 @@ rounding in fp32) is the official one:
 
 ``torch.sign`` maps NaN to 0, so a NaN gradient leaves that coordinate of the parameter where
 decay puts it and makes its momentum NaN, exactly as the official code does.
-Low-precision parameters (bf16, fp16) are updated with fp32 math and rounded once at the end.
+Low-precision parameters (bf16, fp16) are updated with fp32 math and rounded once at the end
+(to nearest, or stochastically for bf16 when ``hyper.rounding_keys`` is set).
 """
 
 from __future__ import annotations
@@ -19,16 +20,27 @@ import torch
 from torch import Tensor
 
 from lionopt.kernels._common import LionHyper, cautious_scale, is_low_precision
+from lionopt.kernels.rounding import store_param
 
 
 def single_tensor_lion(
     params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], hyper: LionHyper
 ) -> None:
-    for param, grad, exp_avg, lr in zip(params, grads, exp_avgs, hyper.lrs(len(params))):
-        _lion_one(param, grad, exp_avg, lr, hyper)
+    count = len(params)
+    for param, grad, exp_avg, lr, key in zip(
+        params, grads, exp_avgs, hyper.lrs(count), hyper.keys(count)
+    ):
+        _lion_one(param, grad, exp_avg, lr, hyper, key)
 
 
-def _lion_one(param: Tensor, grad: Tensor, exp_avg: Tensor, lr: float, hyper: LionHyper) -> None:
+def _lion_one(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    lr: float,
+    hyper: LionHyper,
+    key: int | None = None,
+) -> None:
     if torch.is_complex(param):
         param, grad, exp_avg = (torch.view_as_real(t) for t in (param, grad, exp_avg))
     if hyper.maximize:
@@ -57,5 +69,5 @@ def _lion_one(param: Tensor, grad: Tensor, exp_avg: Tensor, lr: float, hyper: Li
     m.mul_(hyper.beta2).add_(g, alpha=1 - hyper.beta2)
 
     if low_precision:
-        param.copy_(theta)
+        store_param(param, theta, key)
         exp_avg.copy_(m)

@@ -1,0 +1,204 @@
+"""The fused CPU kernel for 8-bit momentum and for stochastically rounded bf16 weights.
+
+``csrc/lion_quant_cpu.cpp``, a plain C ABI library loaded with ctypes, is built on first use
+(never at import) by ``kernels._build`` and cached; a failed build warns once and
+``available()`` returns False, so callers use the torch paths. One call covers a group: the
+work (256-element blocks for 8-bit momentum, 4096-element chunks otherwise) is split across
+``torch.get_num_threads()`` OpenMP threads; each block is dequantised, stepped in fp32 and
+requantised in registers, so no parameter-sized temporary is allocated.
+
+Bitwise equal to the torch paths (``quantized.quantized_lion_loop`` and the reference loop
+with ``rounding_keys``). ``supports_*`` declines (falling back to foreach): non-CPU or
+non-contiguous tensors, other dtypes, and cautious Lion (a per-tensor mean, a second pass).
+
+As a fused backend for ``functional.lion`` (bf16 weights, with stochastic rounding), the
+module has the usual contract: ``available()``, ``supports(...)``, ``lion_step(...)``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from lionopt.kernels._build import load_library
+from lionopt.kernels._common import LionHyper
+from lionopt.kernels.rounding import MASK32
+
+__all__ = [
+    "available",
+    "build_info",
+    "lion_step",
+    "quantized_lion_step",
+    "supports",
+    "supports_quantized",
+]
+
+_SOURCE = Path(__file__).with_name("csrc") / "lion_quant_cpu.cpp"
+_ABI_VERSION = 2
+# Storage dtype codes and option bits, as numbered in lion_quant_cpu.cpp.
+_DTYPES = {torch.float32: 0, torch.bfloat16: 2}
+_DECAY, _CAUTIOUS_DECAY, _MAXIMIZE, _ROUND = 1, 4, 8, 16
+# (weights, momentum) of the plain-momentum kernel.
+_PLAIN = {
+    (torch.bfloat16, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float32, torch.bfloat16),
+}
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_state: bool | None = None  # None: not tried yet
+_info: dict = {}
+
+
+def available() -> bool:
+    """Whether the kernel runs here; builds (or loads the cached build) on the first call."""
+    global _state, _lib
+    if _state is None:
+        with _lock:
+            if _state is None:
+                try:
+                    lib, info = load_library(_SOURCE, "lionopt_quant_cpu")
+                    if lib.lionopt_quant_abi_version() != _ABI_VERSION:
+                        raise RuntimeError(f"{info['path']} has another ABI version")
+                    _declare(lib)
+                    _lib, _state = lib, True
+                    _info.update(info)
+                except Exception as exc:
+                    warnings.warn(
+                        f"lionopt: the fused CPU 8-bit/rounding kernel could not be built or "
+                        f"loaded ({exc}); using the torch implementation instead.",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                    _state = False
+    return _state
+
+
+def build_info() -> dict:
+    """Where the library is, the compiler and flags, and whether this process compiled it."""
+    available()
+    return dict(_info)
+
+
+def supports(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], hyper: LionHyper
+) -> bool:
+    """bf16 weights with bf16 or fp32 momentum, or fp32 weights with bf16 momentum (grads in
+    the weights' dtype), contiguous CPU tensors, not cautious."""
+    if not params:
+        return True
+    if (params[0].dtype, exp_avgs[0].dtype) not in _PLAIN:
+        return False
+    return _plain_layout(params, grads, exp_avgs, hyper)
+
+
+def supports_quantized(
+    params: list[Tensor],
+    grads: list[Tensor],
+    codes: list[Tensor],
+    scales: list[Tensor],
+    hyper: LionHyper,
+) -> bool:
+    """fp32 or bf16 weights (grads alike) with 8-bit momentum, contiguous CPU tensors."""
+    if not params or params[0].dtype not in _DTYPES:
+        return False
+    return _plain_layout(params, grads, codes, hyper) and all(
+        s.dtype == torch.float32 and s.is_contiguous() and s.device.type == "cpu" for s in scales
+    )
+
+
+def lion_step(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], hyper: LionHyper
+) -> None:
+    """One in-place step with a plain momentum (bf16 weights rounded stochastically when
+    ``hyper`` has keys)."""
+    if not params:
+        return
+    status = _lib.lionopt_lion_plain_step(
+        *_arrays(params, grads, exp_avgs, None, hyper),
+        _DTYPES[params[0].dtype],
+        _DTYPES[exp_avgs[0].dtype],
+        _flags(hyper),
+        torch.get_num_threads(),
+    )
+    if status != 0:
+        raise TypeError(f"lionopt: no kernel for {params[0].dtype} with {exp_avgs[0].dtype}")
+
+
+def quantized_lion_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    codes: list[Tensor],
+    scales: list[Tensor],
+    hyper: LionHyper,
+) -> None:
+    """One in-place step over weights with 8-bit momentum (codes and scales updated)."""
+    if not params:
+        return
+    status = _lib.lionopt_lion_quant_step(
+        *_arrays(params, grads, codes, scales, hyper),
+        _DTYPES[params[0].dtype],
+        _flags(hyper),
+        torch.get_num_threads(),
+    )
+    if status != 0:
+        raise TypeError(f"lionopt: no 8-bit kernel for parameter dtype {params[0].dtype}")
+
+
+def _plain_layout(params, grads, moments, hyper: LionHyper) -> bool:
+    if hyper.cautious:
+        return False
+    dtype = params[0].dtype
+    for p, g, m in zip(params, grads, moments):
+        if g.dtype != dtype or p.numel() != g.numel() or p.numel() >= 2**32:
+            return False
+        for t in (p, g, m):
+            if t.device.type != "cpu" or not t.is_contiguous() or t.layout != torch.strided:
+                return False
+    return True
+
+
+def _flags(hyper: LionHyper) -> int:
+    return (
+        (_DECAY if hyper.weight_decay != 0 else 0)
+        | (_CAUTIOUS_DECAY if hyper.cautious_weight_decay else 0)
+        | (_MAXIMIZE if hyper.maximize else 0)
+        | (_ROUND if hyper.rounding_keys is not None else 0)
+    )
+
+
+def _arrays(params, grads, moments, scales, hyper: LionHyper) -> tuple:
+    """The leading C arguments: count, pointer arrays, numels, lrs, keys and the betas/decay."""
+    count = len(params)
+
+    def pointers(tensors):
+        return (ctypes.c_void_p * count)(*[t.data_ptr() for t in tensors])
+
+    keys = hyper.rounding_keys
+    head = [count, pointers(params), pointers(grads), pointers(moments)]
+    if scales is not None:
+        head.append(pointers(scales))
+    return (
+        *head,
+        (ctypes.c_int64 * count)(*[p.numel() for p in params]),
+        (ctypes.c_double * count)(*hyper.lrs(count)),
+        None if keys is None else (ctypes.c_uint32 * count)(*[k & MASK32 for k in keys]),
+        float(hyper.beta1),
+        float(hyper.beta2),
+        float(hyper.weight_decay),
+    )
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i64, i32, dbl, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_double, ctypes.c_void_p
+    lib.lionopt_quant_abi_version.restype = i32
+    lib.lionopt_lion_quant_step.restype = i32
+    lib.lionopt_lion_quant_step.argtypes = [i64, *[ptr] * 7, dbl, dbl, dbl, i32, i32, i32]
+    lib.lionopt_lion_plain_step.restype = i32
+    lib.lionopt_lion_plain_step.argtypes = [i64, *[ptr] * 6, dbl, dbl, dbl, i32, i32, i32, i32]
