@@ -15,8 +15,8 @@ from lionopt.hparams import amos, equilibrium_rms, from_adamw, param_groups
 
 
 def test_from_adamw_default_factor() -> None:
-    assert from_adamw(1e-3, 0.1) == pytest.approx({"lr": 1e-4, "weight_decay": 1.0})
-    assert from_adamw(3e-4, 0.01, factor=3) == pytest.approx({"lr": 1e-4, "weight_decay": 0.03})
+    assert from_adamw(3e-4, 0.1) == pytest.approx({"lr": 1e-4, "weight_decay": 0.3})
+    assert from_adamw(1e-3, 0.01, factor=10) == pytest.approx({"lr": 1e-4, "weight_decay": 0.1})
     with pytest.raises(ValueError, match="Invalid weight_decay value"):
         from_adamw(1e-3, -1.0)
 
@@ -182,5 +182,5 @@ def test_param_groups_split_embeddings() -> None:
 
 def test_module_docstring_has_the_rules_of_thumb() -> None:
     doc = hparams.__doc__
-    for phrase in ("(0.95, 0.98)", "64", "Warmup", "DEFAULT_FACTOR = 10", "1/λ"):
+    for phrase in ("(0.95, 0.98)", "64", "Warmup", "DEFAULT_FACTOR = 3", "1/λ"):
         assert phrase in doc
