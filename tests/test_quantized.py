@@ -14,6 +14,7 @@ from hypothesis.extra import numpy as hnp
 
 from lionopt import Lion
 from lionopt.kernels import _build, fused_quant_cpu, quantized
+from lionopt.kernels._common import LionHyper
 from lionopt.kernels.quantized import BLOCK, dequantize, quantize
 
 finite32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
@@ -161,3 +162,114 @@ def test_kernel_builds_in_a_fresh_cache(tmp_path, monkeypatch):
     info = fused_quant_cpu.build_info()
     assert info["compiled"] and info["path"].startswith(str(tmp_path))
     assert "-ffp-contract=off" in _build._compile_flags()
+
+
+# --- The fused kernel's vector paths against the loop, on edge cases (bitwise) --------------
+
+EDGE_CASES = ["plain", "nan_codes", "non_finite_grads", "subnormal_factor", "zero_blocks"]
+
+
+def _edge_state(case, dtype, sizes, seed):
+    generator = torch.Generator().manual_seed(seed)
+    params = [(torch.randn(n, generator=generator) * 0.02).to(dtype) for n in sizes]
+    grads = [(torch.randn(n, generator=generator) * 1e-3).to(dtype) for n in sizes]
+    scale = 1e-36 if case == "subnormal_factor" else 1e-3  # absmax/16129 below 2**-126
+    states = [quantize(torch.randn(n, generator=generator) * scale) for n in sizes]
+    for (codes, _scales), grad, n in zip(states, grads, sizes):
+        picks = torch.randint(0, n, (n // 50,), generator=generator)
+        if case == "nan_codes":
+            codes[picks] = -128
+        elif case == "non_finite_grads":
+            values = torch.tensor([math.inf, -math.inf, math.nan], dtype=dtype)
+            grad[picks] = values[torch.arange(picks.numel()) % 3]
+        elif case == "subnormal_factor":
+            grad.zero_()
+        elif case == "zero_blocks":
+            codes[: 2 * BLOCK] = 0
+            grad[: min(n, 3 * BLOCK)] = 0  # block 2 keeps a momentum, blocks 0 and 1 are 0
+    return params, grads, [c for c, _ in states], [s for _, s in states]
+
+
+@pytest.mark.parametrize("case", EDGE_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"maximize": True, "cautious_weight_decay": True}, {"rounding": True}],
+    ids=["plain", "maximize,cwd", "stochastic"],
+)
+def test_fused_vector_paths_match_the_loop(case, dtype, options):
+    """Whole blocks, a partial last block (tails of 8 and of 1), NaN codes, infinite and NaN
+    gradients, subnormal scale factors and all-zero blocks, for fp32 and bf16 weights."""
+    if not fused_quant_cpu.available():
+        pytest.skip("the fused kernel is not available")
+    if options.get("rounding") and dtype != torch.bfloat16:
+        pytest.skip("stochastic rounding is for bf16 weights")
+    sizes = [4096, 20 * BLOCK + 37, 5003]
+    beta2 = 1.0 if case == "subnormal_factor" else 0.99  # keeps the tiny momentum as it is
+    hyper = LionHyper(
+        lr=[1e-2, 3e-3, 1e-4],
+        beta1=0.9,
+        beta2=beta2,
+        weight_decay=0.5,
+        maximize=options.get("maximize", False),
+        cautious_weight_decay=options.get("cautious_weight_decay", False),
+        rounding_keys=[11, 2**32 - 5, 77] if options.get("rounding") else None,
+    )
+    runs = []
+    for fused in (False, True):
+        params, grads, codes, scales = _edge_state(case, dtype, sizes, seed=3)
+        for _ in range(3):
+            quantized.quantized_lion(
+                params, grads, codes, scales, hyper, foreach=False, fused=fused
+            )
+        runs.append((params, codes, scales))
+    bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.int8: torch.int8}
+    for loop_tensors, fused_tensors in zip(*runs):
+        for a, b in zip(loop_tensors, fused_tensors):
+            assert torch.equal(a.view(bits[a.dtype]), b.view(bits[b.dtype]))
+
+
+@pytest.mark.parametrize("momentum_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_fused_plain_kernel_matches_the_reference_on_non_finite_values(momentum_dtype, stochastic):
+    """bf16 weights with a plain momentum (sixteen-wide path, tails of 8 and of 1)."""
+    from lionopt.functional import lion
+
+    if not fused_quant_cpu.available():
+        pytest.skip("the fused kernel is not available")
+    sizes = [4096 + 16 + 8 + 3, 37]
+    keys = [9, 2**32 - 1] if stochastic else None
+    hyper = LionHyper(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.5, rounding_keys=keys)
+    runs = []
+    for fused in (False, True):
+        generator = torch.Generator().manual_seed(5)
+        params = [(torch.randn(n, generator=generator) * 0.02).bfloat16() for n in sizes]
+        grads = [(torch.randn(n, generator=generator) * 1e-3).bfloat16() for n in sizes]
+        moments = [(torch.randn(n, generator=generator) * 1e-3).to(momentum_dtype) for n in sizes]
+        grads[0][::97] = math.inf
+        grads[0][5::101] = math.nan
+        moments[0][7::89] = -math.inf
+        for _ in range(2):
+            if fused:
+                fused_quant_cpu.lion_step(params, grads, moments, hyper)
+            else:
+                lion(
+                    params,
+                    grads,
+                    moments,
+                    lr=1e-2,
+                    beta1=0.9,
+                    beta2=0.99,
+                    weight_decay=0.5,
+                    foreach=False,
+                    fused=False,
+                    rounding_keys=keys,
+                )
+        runs.append((params, moments))
+    assert torch.isnan(runs[0][1][0]).any()  # the NaN momentum case is exercised
+    bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16}
+    for loop_tensors, fused_tensors in zip(*runs):
+        for a, b in zip(loop_tensors, fused_tensors):
+            nan = torch.isnan(a)
+            assert torch.equal(nan, torch.isnan(b))  # NaN payloads are not compared
+            assert torch.equal(a[~nan].view(bits[a.dtype]), b[~nan].view(bits[b.dtype]))

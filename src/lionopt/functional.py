@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 from functools import cache
+from operator import attrgetter
 
 import torch
 from torch import Tensor
@@ -106,10 +107,13 @@ def lion(
         if fused is not False and foreach is not True:
             rounds = rounding_keys is not None and dtypes[1] == torch.bfloat16
             backend = _fused_backend(device_type, explicit=bool(fused), rounding=rounds)
-            if not rounds and backend is not None and not backend.supports(*group, group_hyper):
+            supported = backend is not None and backend.supports(*group, group_hyper)
+            if not rounds and backend is not None and not supported:
                 # The rounding kernel also covers a few more dtype pairs (fp32 θ, bf16 m).
-                backend = _fused_backend(device_type, explicit=False, rounding=True) or backend
-            if backend is not None and backend.supports(*group, group_hyper):
+                other = _fused_backend(device_type, explicit=False, rounding=True)
+                if other is not None and other.supports(*group, group_hyper):
+                    backend, supported = other, True
+            if supported:
                 backend.lion_step(*group, group_hyper)
                 continue
             if fused:
@@ -134,6 +138,12 @@ def _with_lrs(hyper: LionHyper, lrs: list[float]) -> LionHyper:
 def _group_by_device_and_dtype(
     params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]
 ) -> dict[tuple, tuple[list[int], tuple[list[Tensor], list[Tensor], list[Tensor]]]]:
+    if all(_uniform(tensors, "dtype") for tensors in (params, grads, exp_avgs)) and _uniform(
+        params, "device"
+    ):
+        p = params[0]
+        key = (p.device.type, (p.device, p.dtype, grads[0].dtype, exp_avgs[0].dtype))
+        return {key: (list(range(len(params))), (params, grads, exp_avgs))}
     groups: dict[tuple, tuple[list[int], tuple[list[Tensor], list[Tensor], list[Tensor]]]] = {}
     for i, (p, g, m) in enumerate(zip(params, grads, exp_avgs)):
         key = (p.device.type, (p.device, p.dtype, g.dtype, m.dtype))
@@ -142,6 +152,11 @@ def _group_by_device_and_dtype(
         for tensors, t in zip(lists, (p, g, m)):
             tensors.append(t)
     return groups
+
+
+def _uniform(tensors: list[Tensor], attribute: str) -> bool:
+    """Whether every tensor has the same ``attribute`` (the fast path of the grouping)."""
+    return len(set(map(attrgetter(attribute), tensors))) == 1
 
 
 def _fused_backend(device_type: str, explicit: bool, rounding: bool = False):

@@ -174,7 +174,12 @@ class Lion(Optimizer):
                     "(e.g. nn.Embedding(sparse=False))"
                 )
             state = self.state[p]
-            convert_momentum(state, p, group["momentum_dtype"])
+            if (
+                group["momentum_dtype"] is not None
+                or "exp_avg" not in state
+                or "exp_avg_scale" in state
+            ):
+                convert_momentum(state, p, group["momentum_dtype"])
             has_complex |= torch.is_complex(p)
             params.append(p)
             grads.append(p.grad)

@@ -3,9 +3,12 @@
 ``csrc/lion_quant_cpu.cpp``, a plain C ABI library loaded with ctypes, is built on first use
 (never at import) by ``kernels._build`` and cached; a failed build warns once and
 ``available()`` returns False, so callers use the torch paths. One call covers a group: the
-work (256-element blocks for 8-bit momentum, 4096-element chunks otherwise) is split across
-``torch.get_num_threads()`` OpenMP threads; each block is dequantised, stepped in fp32 and
-requantised in registers, so no parameter-sized temporary is allocated.
+work (256-element blocks for 8-bit momentum, 4096-element chunks otherwise), cut into units of
+16K elements across all tensors, is taken dynamically by ``torch.get_num_threads()`` OpenMP
+threads; each block is dequantised, stepped in fp32 and requantised through a 1 KiB stack
+buffer (AVX2 intrinsics where the build has them), so no parameter-sized temporary is
+allocated. The Python side builds the pointer tables as ``array.array`` buffers with
+whole-list ``map`` calls (tens of microseconds for a hundred tensors).
 
 Bitwise equal to the torch paths (``quantized.quantized_lion_loop`` and the reference loop
 with ``rounding_keys``). ``supports_*`` declines (falling back to foreach): non-CPU or
@@ -17,9 +20,11 @@ module has the usual contract: ``available()``, ``supports(...)``, ``lion_step(.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import threading
 import warnings
+from operator import attrgetter
 from pathlib import Path
 
 import torch
@@ -49,6 +54,9 @@ _PLAIN = {
     (torch.bfloat16, torch.bfloat16),
     (torch.float32, torch.bfloat16),
 }
+
+_IS_CPU, _LAYOUT = attrgetter("is_cpu"), attrgetter("layout")
+_U32 = next(code for code in "IL" if array.array(code).itemsize == 4)  # uint32_t keys
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -109,7 +117,7 @@ def supports_quantized(
     if not params or params[0].dtype not in _DTYPES:
         return False
     return _plain_layout(params, grads, codes, hyper) and all(
-        s.dtype == torch.float32 and s.is_contiguous() and s.device.type == "cpu" for s in scales
+        s.dtype == torch.float32 and s.is_cpu and s.is_contiguous() for s in scales
     )
 
 
@@ -120,8 +128,9 @@ def lion_step(
     ``hyper`` has keys)."""
     if not params:
         return
+    _buffers, head = _arrays(params, grads, exp_avgs, None, hyper)  # held during the call
     status = _lib.lionopt_lion_plain_step(
-        *_arrays(params, grads, exp_avgs, None, hyper),
+        *head,
         _DTYPES[params[0].dtype],
         _DTYPES[exp_avgs[0].dtype],
         _flags(hyper),
@@ -141,8 +150,9 @@ def quantized_lion_step(
     """One in-place step over weights with 8-bit momentum (codes and scales updated)."""
     if not params:
         return
+    _buffers, head = _arrays(params, grads, codes, scales, hyper)  # held during the call
     status = _lib.lionopt_lion_quant_step(
-        *_arrays(params, grads, codes, scales, hyper),
+        *head,
         _DTYPES[params[0].dtype],
         _flags(hyper),
         torch.get_num_threads(),
@@ -152,15 +162,26 @@ def quantized_lion_step(
 
 
 def _plain_layout(params, grads, moments, hyper: LionHyper) -> bool:
+    """Grads of the weights' dtype and sizes, below 2**32 elements; dense contiguous CPU tensors.
+
+    Whole-list checks (``map`` over the tensor methods), as in ``fused_cpu``: a few
+    microseconds for a hundred tensors.
+    """
     if hyper.cautious:
         return False
     dtype = params[0].dtype
-    for p, g, m in zip(params, grads, moments):
-        if g.dtype != dtype or p.numel() != g.numel() or p.numel() >= 2**32:
+    if any(g.dtype != dtype for g in grads):
+        return False
+    numels = list(map(Tensor.numel, params))
+    if numels != list(map(Tensor.numel, grads)) or max(numels) >= 2**32:
+        return False
+    for tensors in (params, grads, moments):
+        if not all(map(_IS_CPU, tensors)) or any(
+            layout != torch.strided for layout in map(_LAYOUT, tensors)
+        ):
             return False
-        for t in (p, g, m):
-            if t.device.type != "cpu" or not t.is_contiguous() or t.layout != torch.strided:
-                return False
+        if not all(map(Tensor.is_contiguous, tensors)):
+            return False
     return True
 
 
@@ -174,21 +195,26 @@ def _flags(hyper: LionHyper) -> int:
 
 
 def _arrays(params, grads, moments, scales, hyper: LionHyper) -> tuple:
-    """The leading C arguments: count, pointer arrays, numels, lrs, keys and the betas/decay."""
+    """The leading C arguments: count, pointer arrays, numels, lrs, keys and the betas/decay.
+
+    The arrays are ``array.array`` buffers passed by address; the caller holds the returned
+    ``buffers`` until the C call returns.
+    """
     count = len(params)
-
-    def pointers(tensors):
-        return (ctypes.c_void_p * count)(*[t.data_ptr() for t in tensors])
-
-    keys = hyper.rounding_keys
-    head = [count, pointers(params), pointers(grads), pointers(moments)]
+    buffers = [array.array("Q", map(Tensor.data_ptr, ts)) for ts in (params, grads, moments)]
     if scales is not None:
-        head.append(pointers(scales))
-    return (
-        *head,
-        (ctypes.c_int64 * count)(*[p.numel() for p in params]),
-        (ctypes.c_double * count)(*hyper.lrs(count)),
-        None if keys is None else (ctypes.c_uint32 * count)(*[k & MASK32 for k in keys]),
+        buffers.append(array.array("Q", map(Tensor.data_ptr, scales)))
+    buffers.append(array.array("q", map(Tensor.numel, params)))
+    buffers.append(array.array("d", hyper.lrs(count)))
+    keys = hyper.rounding_keys
+    if keys is not None:
+        buffers.append(array.array(_U32, [k & MASK32 for k in keys]))
+    addresses = [b.buffer_info()[0] for b in buffers]
+    if keys is None:
+        addresses.append(None)
+    return buffers, (
+        count,
+        *addresses,
         float(hyper.beta1),
         float(hyper.beta2),
         float(hyper.weight_decay),
