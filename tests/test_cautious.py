@@ -34,7 +34,7 @@ def golden_step(theta, m, g, *, cautious: bool, cautious_weight_decay: bool):
         direction = direction * mask
         update = direction / torch.clamp(mask.mean(), min=1e-3)
     if cautious_weight_decay:
-        decay_here = (torch.sign(theta) == direction) & (direction != 0)
+        decay_here = direction * theta >= 0  # Algorithm 1 of arXiv 2510.12402: I(u·θ ≥ 0)
         theta = torch.where(decay_here, theta * (1 - LR * DECAY), theta)
     else:
         theta = theta * (1 - LR * DECAY)
@@ -136,3 +136,22 @@ def test_cautious_never_steps_against_the_gradient(seed: int, beta1: float, beta
         p.grad = g
         opt.step()
         assert ((p.detach() - before) * g <= 0).all()
+
+
+@pytest.mark.parametrize("implementation", list(IMPLEMENTATIONS))
+def test_cautious_weight_decay_follows_the_papers_indicator(implementation: str) -> None:
+    """Decay where u·θ ≥ 0: a zero update decays, an update pushing θ away from 0 does not."""
+    theta = nn.Parameter(torch.tensor([2.0, 2.0, -2.0, 2.0]))
+    opt = Lion(
+        [theta],
+        lr=0.125,
+        weight_decay=0.5,
+        cautious_weight_decay=True,
+        **IMPLEMENTATIONS[implementation],
+    )
+    # c = 0.1·g here: u = sign(g) = 0, +1 (toward 0), +1 (away from 0), -1 (away from 0).
+    theta.grad = torch.tensor([0.0, 1.0, 1.0, -1.0])
+    opt.step()
+    decay = 1 - 0.125 * 0.5
+    expected = [2.0 * decay, 2.0 * decay - 0.125, -2.0 - 0.125, 2.0 + 0.125]
+    assert theta.tolist() == expected

@@ -55,7 +55,7 @@ def lion(
 
     ``lr`` is a float, a 0-dim Tensor, or one float per parameter. ``cautious`` masks the
     coordinates where sign(c) disagrees with g and rescales by 1/mean(mask) (clamped at 1e-3);
-    ``cautious_weight_decay`` decays only where sign(θ) agrees with the update.
+    ``cautious_weight_decay`` decays only where update·θ ≥ 0 (arXiv 2510.12402).
 
     8-bit momentum: ``exp_avgs[i]`` holds int8 codes and ``exp_avg_scales[i]`` the per-block
     scales (``lionopt.kernels.quantized``; None for an ordinary momentum). ``rounding_keys``:

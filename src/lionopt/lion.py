@@ -67,7 +67,8 @@ class Lion(Optimizer):
             default) the fastest implementation that supports the tensors is used.
         cautious: Cautious Lion (arXiv 2411.16085): drop the coordinates where sign(c)
             disagrees with the gradient, and rescale by 1/mean(mask) (mean clamped at 1e-3).
-        cautious_weight_decay: decay only where sign(θ) agrees with the update (arXiv 2510.12402).
+        cautious_weight_decay: decay only where update·θ ≥ 0, i.e. where the update also pulls θ
+            toward 0 or one of them is 0 (Algorithm 1 of arXiv 2510.12402).
         decouple_lr: fully decoupled weight decay: the per-step decay is λ·lr_t/max_lr, so it
             follows the schedule but not the lr's scale.
         max_lr: the divisor for ``decouple_lr``; defaults to each group's lr when the group is

@@ -75,5 +75,5 @@ def _apply_decay(
         return
     decayed = torch._foreach_mul(thetas, decays)
     for theta, theta_decayed, direction in zip(thetas, decayed, directions):
-        decays_here = (torch.sign(theta) == direction) & (direction != 0)
+        decays_here = direction * theta >= 0  # arXiv 2510.12402: I(u·θ ≥ 0)
         theta.copy_(torch.where(decays_here, theta_decayed, theta))

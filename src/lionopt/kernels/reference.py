@@ -61,7 +61,7 @@ def _lion_one(
     if hyper.weight_decay != 0:
         decay = 1 - lr * hyper.weight_decay
         if hyper.cautious_weight_decay:
-            decays_here = (torch.sign(theta) == direction) & (direction != 0)
+            decays_here = direction * theta >= 0  # arXiv 2510.12402: I(u·θ ≥ 0)
             theta.copy_(torch.where(decays_here, theta * decay, theta))
         else:
             theta.mul_(decay)

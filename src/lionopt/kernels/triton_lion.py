@@ -255,8 +255,7 @@ if triton is not None:
         direction = tl.where(c > 0, 1.0, 0.0) - tl.where(c < 0, 1.0, 0.0)  # NaN -> 0
         if DECAY:
             if CAUTIOUS_DECAY:
-                p_sign = tl.where(p > 0, 1.0, 0.0) - tl.where(p < 0, 1.0, 0.0)
-                p = tl.where((p_sign == direction) & (direction != 0), p * decay, p)
+                p = tl.where(direction * p >= 0, p * decay, p)  # arXiv 2510.12402
             else:
                 p = p * decay
         p = tl.fma(direction, neg_lr, p)

@@ -117,7 +117,7 @@ void lion_range(P* __restrict__ p, const G* __restrict__ g, M* __restrict__ m, i
     }
     if (kDoDecay) {
       if (kDoCautiousDecay) {
-        const bool here = (sign_of(theta) == direction) & (direction != T(0));
+        const bool here = direction * theta >= T(0);  // arXiv 2510.12402: I(u*theta >= 0)
         theta = here ? theta * t.decay : theta;
       } else {
         theta = theta * t.decay;

@@ -123,7 +123,7 @@ inline float lion_coordinate(float& theta, float g, float m, const Step& s) {
   float direction = sign_of(m * s.beta1 + g * s.one_minus_beta1);
   float decayed = theta * s.decay;
   if (kCautiousDecay) {
-    bool agrees = (sign_of(theta) == direction) & (direction != 0.0f);
+    bool agrees = direction * theta >= 0.0f;  // arXiv 2510.12402: I(u*theta >= 0)
     theta = agrees ? decayed : theta;
   } else {
     theta = decayed;
@@ -304,9 +304,8 @@ inline V lion8(V& theta, V g, V m, const VStep& s) {
   const V decayed = _mm256_mul_ps(theta, s.decay);
   if (kCautiousDecay) {
     const V direction = sign8(c);
-    const V agrees =
-        _mm256_and_ps(_mm256_cmp_ps(sign8(theta), direction, _CMP_EQ_OQ),
-                      _mm256_cmp_ps(direction, _mm256_setzero_ps(), _CMP_NEQ_UQ));
+    const V agrees =  // arXiv 2510.12402: I(u*theta >= 0); false where theta is NaN
+        _mm256_cmp_ps(_mm256_mul_ps(direction, theta), _mm256_setzero_ps(), _CMP_GE_OQ);
     theta = _mm256_fmadd_ps(direction, s.neg_lr, _mm256_blendv_ps(theta, decayed, agrees));
   } else {
     // c < 0 (sign bit set) -> +lr, c > 0 -> -lr; c = ±0 or NaN -> 0*(-lr).
