@@ -165,7 +165,7 @@ class Lion(Optimizer):
         Follows torch.optim's ``_init_group`` convention (fill lists, return whether any
         parameter is complex), which ``torch.compile`` recognises.
         """
-        has_complex = False
+        momentum_dtype = group["momentum_dtype"]
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -175,17 +175,12 @@ class Lion(Optimizer):
                     "(e.g. nn.Embedding(sparse=False))"
                 )
             state = self.state[p]
-            if (
-                group["momentum_dtype"] is not None
-                or "exp_avg" not in state
-                or "exp_avg_scale" in state
-            ):
-                convert_momentum(state, p, group["momentum_dtype"])
-            has_complex |= torch.is_complex(p)
+            if momentum_dtype is not None or "exp_avg" not in state or "exp_avg_scale" in state:
+                convert_momentum(state, p, momentum_dtype)
             params.append(p)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
-        return has_complex
+        return any(map(torch.is_complex, params))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -219,12 +214,17 @@ class Lion(Optimizer):
                 fused=group["fused"],
                 cautious=group["cautious"],
                 cautious_weight_decay=group["cautious_weight_decay"],
-                exp_avg_scales=self._exp_avg_scales(params),
+                exp_avg_scales=self._exp_avg_scales(group, params),
                 rounding_keys=self._rounding_keys(group, params),
             )
         return loss
 
-    def _exp_avg_scales(self, params: list[Tensor]) -> list[Tensor | None] | None:
+    def _exp_avg_scales(
+        self, group: dict[str, Any], params: list[Tensor]
+    ) -> list[Tensor | None] | None:
+        """The 8-bit momenta's block scales; None when the group has none (no 8-bit format)."""
+        if group["momentum_dtype"] is None:  # _init_group dequantised any loaded 8-bit state
+            return None
         scales = [self.state[p].get("exp_avg_scale") for p in params]
         return scales if any(s is not None for s in scales) else None
 
