@@ -254,7 +254,7 @@ if triton is not None:
         c = m * beta1 + g * one_minus_beta1
         direction = tl.where(c > 0, 1.0, 0.0) - tl.where(c < 0, 1.0, 0.0)  # NaN -> 0
         if DECAY:
-            if CAUTIOUS_DECAY:
+            if CAUTIOUS_DECAY:  # noqa: SIM108 (a constexpr branch, resolved at compile time)
                 p = tl.where(direction * p >= 0, p * decay, p)  # arXiv 2510.12402
             else:
                 p = p * decay
