@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import shlex
 import signal
 import sys
 import threading
+import time
+from collections.abc import Callable
 
 import torch
 
@@ -149,6 +152,27 @@ def command_line(subcommand: str) -> str:
     """The command as typed, or just ``lionopt SUBCOMMAND`` when called from Python."""
     argv = sys.argv[1:] if sys.argv[1:2] == [subcommand] else [subcommand]
     return shlex.join(["lionopt", *argv])
+
+
+def finish(
+    report: dict,
+    args: argparse.Namespace,
+    started: float,
+    write: Callable[..., None],
+    text: Callable[[dict], str],
+    files: str,
+) -> int:
+    """Close a report: final files, the table (or JSON) on stdout; 130 when interrupted."""
+    report["complete"] = not report["interrupted"]
+    report["wall_s"] = round(time.perf_counter() - started, 1)
+    write(report, args.out, plots=True)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(text(report), end="")
+        if args.out:
+            print(f"Report written to {args.out}/{files}.")
+    return 130 if report["interrupted"] else 0
 
 
 def log(message: str) -> None:

@@ -10,7 +10,6 @@ step times, as a terminal table and, with ``--out``, as JSON, Markdown and PNG c
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from lionopt.cli._runner import (
     Progress,
     add_common_arguments,
     command_line,
+    finish,
     load_tasks,
     log,
     setup_device,
@@ -254,13 +254,6 @@ def run(args: argparse.Namespace) -> int:
         if entry["status"] in ("running", "pending"):
             entry["status"] = "partial" if entry["runs"] else "not run"
             entry["verdict"] = verdicts(entry)
-    report["complete"] = not report["interrupted"]
-    report["wall_s"] = round(time.perf_counter() - started, 1)
-    write(report, args.out, plots=True)
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(_report.compare_text(report), end="")
-        if args.out:
-            print(f"Report written to {args.out}/compare.md, compare.json and PNG plots.")
-    return 130 if report["interrupted"] else 0
+    return finish(
+        report, args, started, write, _report.compare_text, "compare.md, compare.json and PNG plots"
+    )

@@ -11,7 +11,6 @@ training examples, and reports each optimizer's best cell per batch size.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from lionopt.cli._runner import (
     Progress,
     add_common_arguments,
     command_line,
+    finish,
     load_tasks,
     log,
     number_list,
@@ -308,13 +308,6 @@ def run(args: argparse.Namespace) -> int:
             has_runs = any(b["runs"] for b in entry["batch_sizes"])
             entry["status"] = "partial" if has_runs else "not run"
             entry["verdict"] = task_verdict(task, entry)
-    report["complete"] = not report["interrupted"]
-    report["wall_s"] = round(time.perf_counter() - started, 1)
-    write(report, args.out, plots=True)
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(_report.sweep_text(report), end="")
-        if args.out:
-            print(f"Report written to {args.out}/sweep.md, sweep.json and heatmap PNGs.")
-    return 130 if report["interrupted"] else 0
+    return finish(
+        report, args, started, write, _report.sweep_text, "sweep.md, sweep.json and heatmap PNGs"
+    )
