@@ -29,7 +29,10 @@ from lionopt.kernels.reference import single_tensor_lion
 __all__ = ["lion"]
 
 _FUSED_BACKENDS = {"cpu": "lionopt.kernels.fused_cpu", "cuda": "lionopt.kernels.triton_lion"}
-_ROUNDING_BACKENDS = {"cpu": "lionopt.kernels.fused_quant_cpu"}
+_ROUNDING_BACKENDS = {
+    "cpu": "lionopt.kernels.fused_quant_cpu",
+    "cuda": "lionopt.kernels.triton_quant",
+}
 
 
 def lion(

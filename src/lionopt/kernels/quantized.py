@@ -225,6 +225,14 @@ def quantized_lion(
         if runs and fused_quant_cpu.supports_quantized(params, grads, codes, scales, hyper):
             fused_quant_cpu.quantized_lion_step(params, grads, codes, scales, hyper)
             return
+        if params[0].device.type == "cuda":
+            from lionopt.kernels import triton_quant
+
+            if triton_quant.available() and triton_quant.supports(
+                params, grads, codes, hyper, scales=scales
+            ):
+                triton_quant.lion_step(params, grads, codes, hyper, scales=scales)
+                return
         if fused:
             _warn_once(
                 "lionopt: fused=True is not supported for these 8-bit momentum tensors "
