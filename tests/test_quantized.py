@@ -141,9 +141,8 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
     def broken(*args):
         raise RuntimeError("no compiler")
 
-    monkeypatch.setattr(fused_quant_cpu, "load_library", broken)
-    monkeypatch.setattr(fused_quant_cpu, "_state", None)
-    monkeypatch.setattr(fused_quant_cpu, "_lib", None)
+    monkeypatch.setattr(_build, "load_library", broken)
+    monkeypatch.setattr(fused_quant_cpu, "_library", fused_quant_cpu._library.fresh())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         params, _ = _train("fused", torch.float32, steps=3)
@@ -155,9 +154,7 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
 
 def test_kernel_builds_in_a_fresh_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LIONOPT_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(fused_quant_cpu, "_state", None)
-    monkeypatch.setattr(fused_quant_cpu, "_lib", None)
-    monkeypatch.setattr(fused_quant_cpu, "_info", {})
+    monkeypatch.setattr(fused_quant_cpu, "_library", fused_quant_cpu._library.fresh())
     assert fused_quant_cpu.available()
     info = fused_quant_cpu.build_info()
     assert info["compiled"] and info["path"].startswith(str(tmp_path))

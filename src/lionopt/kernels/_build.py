@@ -18,9 +18,67 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["load_library"]
+__all__ = ["LazyLibrary", "load_library"]
+
+
+class LazyLibrary:
+    """A kernel library built (or loaded from the cache) on first use, once per process.
+
+    ``check(lib, info)`` raises when the file is not the expected build (an ABI version);
+    ``declare(lib)`` sets the ctypes signatures. Any failure warns once, naming
+    ``description``, and ``available()`` stays False, so the caller falls back.
+    """
+
+    def __init__(
+        self,
+        source: Path,
+        name: str,
+        *,
+        check: Callable[[ctypes.CDLL, dict], None],
+        declare: Callable[[ctypes.CDLL], None],
+        description: str,
+    ) -> None:
+        self._config = (source, name, check, declare, description)
+        self._lock = threading.Lock()
+        self.lib: ctypes.CDLL | None = None
+        self.state: bool | None = None  # None: not tried yet
+        self.info: dict = {}
+
+    def fresh(self) -> LazyLibrary:
+        """An untried copy (tests use it to build again)."""
+        source, name, check, declare, description = self._config
+        return LazyLibrary(source, name, check=check, declare=declare, description=description)
+
+    def available(self) -> bool:
+        if self.state is None:
+            with self._lock:
+                if self.state is None:
+                    self.state = self._load()
+        return self.state
+
+    def _load(self) -> bool:
+        source, name, check, declare, description = self._config
+        try:
+            start = time.perf_counter()
+            lib, info = load_library(source, name)
+            check(lib, info)
+            declare(lib)
+        except Exception as exc:
+            warnings.warn(
+                f"lionopt: the {description} could not be built or loaded ({exc}); "
+                "using the torch implementation instead.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return False
+        self.info.update(info, seconds=time.perf_counter() - start)
+        self.lib = lib
+        return True
 
 
 def load_library(source: Path, name: str) -> tuple[ctypes.CDLL, dict]:

@@ -31,9 +31,6 @@ from __future__ import annotations
 
 import array
 import ctypes
-import threading
-import time
-import warnings
 from dataclasses import replace
 from operator import attrgetter
 from pathlib import Path
@@ -41,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lionopt.kernels._build import load_library
+from lionopt.kernels._build import LazyLibrary
 from lionopt.kernels._common import LionHyper
 from lionopt.kernels.foreach import multi_tensor_lion
 
@@ -75,26 +72,16 @@ _SUPPORTED = {
 # Above this many elements the reference's fp32 sum of the cautious mask stops being exact.
 _MAX_EXACT_FP32_COUNT = 2**24
 
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_state: bool | None = None  # None: not tried yet
-_info: dict = {}
-
 
 def available() -> bool:
     """Whether the kernel runs here; builds (or loads the cached build) on the first call."""
-    global _state
-    if _state is None:
-        with _lock:
-            if _state is None:
-                _state = _load()
-    return _state
+    return _library.available()
 
 
 def build_info() -> dict:
     """How the library was obtained: path, flags, ``compiled`` (vs cached) and ``seconds``."""
     available()
-    return dict(_info)
+    return dict(_library.info)
 
 
 def supports(
@@ -158,7 +145,7 @@ def _kernel_step(
         | (_CAUTIOUS_DECAY if hyper.cautious_weight_decay else 0)
         | (_MAXIMIZE if hyper.maximize else 0)
     )
-    status = _lib.lionopt_lion_step(
+    status = _library.lib.lionopt_lion_step(
         count,
         *_thirds(pointers, count),
         numels.buffer_info()[0],
@@ -252,7 +239,7 @@ def stream_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
         raise RuntimeError("lionopt: the fused CPU kernel is not available")
     count = len(params)
     pointers, numels = _pointers(params, grads, exp_avgs)
-    status = _lib.lionopt_stream(
+    status = _library.lib.lionopt_stream(
         count,
         *_thirds(pointers, count),
         numels.buffer_info()[0],
@@ -294,26 +281,9 @@ def _pointers(
 # Loading the library (built by lionopt.kernels._build on first use, then cached on disk).
 
 
-def _load() -> bool:
-    """Loads the cached library, building it first if needed; warns once and returns False on failure."""
-    global _lib
-    try:
-        start = time.perf_counter()
-        lib, info = load_library(_SOURCE, "lionopt_fused_cpu")
-        if lib.lionopt_abi_version() != _ABI_VERSION:
-            raise RuntimeError(f"{info['path']} has ABI version {lib.lionopt_abi_version()}")
-        _declare(lib)
-        _info.update(info, seconds=time.perf_counter() - start)
-        _lib = lib
-        return True
-    except Exception as exc:
-        warnings.warn(
-            f"lionopt: the fused CPU Lion kernel could not be built or loaded ({exc}); "
-            "using the foreach implementation instead.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return False
+def _check_abi(lib: ctypes.CDLL, info: dict) -> None:
+    if lib.lionopt_abi_version() != _ABI_VERSION:
+        raise RuntimeError(f"{info['path']} has ABI version {lib.lionopt_abi_version()}")
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -326,3 +296,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     ]
     lib.lionopt_stream.restype = i32
     lib.lionopt_stream.argtypes = [i64, ptr, ptr, ptr, ptr, i32, i32]
+
+
+_library = LazyLibrary(
+    _SOURCE,
+    "lionopt_fused_cpu",
+    check=_check_abi,
+    declare=_declare,
+    description="fused CPU Lion kernel",
+)

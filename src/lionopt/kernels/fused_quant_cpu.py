@@ -22,15 +22,13 @@ from __future__ import annotations
 
 import array
 import ctypes
-import threading
-import warnings
 from operator import attrgetter
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from lionopt.kernels._build import load_library
+from lionopt.kernels._build import LazyLibrary
 from lionopt.kernels._common import LionHyper
 from lionopt.kernels.rounding import MASK32
 
@@ -58,40 +56,16 @@ _PLAIN = {
 _IS_CPU, _LAYOUT = attrgetter("is_cpu"), attrgetter("layout")
 _U32 = next(code for code in "IL" if array.array(code).itemsize == 4)  # uint32_t keys
 
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_state: bool | None = None  # None: not tried yet
-_info: dict = {}
-
 
 def available() -> bool:
     """Whether the kernel runs here; builds (or loads the cached build) on the first call."""
-    global _state, _lib
-    if _state is None:
-        with _lock:
-            if _state is None:
-                try:
-                    lib, info = load_library(_SOURCE, "lionopt_quant_cpu")
-                    if lib.lionopt_quant_abi_version() != _ABI_VERSION:
-                        raise RuntimeError(f"{info['path']} has another ABI version")
-                    _declare(lib)
-                    _lib, _state = lib, True
-                    _info.update(info)
-                except Exception as exc:
-                    warnings.warn(
-                        f"lionopt: the fused CPU 8-bit/rounding kernel could not be built or "
-                        f"loaded ({exc}); using the torch implementation instead.",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
-                    _state = False
-    return _state
+    return _library.available()
 
 
 def build_info() -> dict:
     """Where the library is, the compiler and flags, and whether this process compiled it."""
     available()
-    return dict(_info)
+    return dict(_library.info)
 
 
 def supports(
@@ -129,7 +103,7 @@ def lion_step(
     if not params:
         return
     _buffers, head = _arrays(params, grads, exp_avgs, None, hyper)  # held during the call
-    status = _lib.lionopt_lion_plain_step(
+    status = _library.lib.lionopt_lion_plain_step(
         *head,
         _DTYPES[params[0].dtype],
         _DTYPES[exp_avgs[0].dtype],
@@ -151,7 +125,7 @@ def quantized_lion_step(
     if not params:
         return
     _buffers, head = _arrays(params, grads, codes, scales, hyper)  # held during the call
-    status = _lib.lionopt_lion_quant_step(
+    status = _library.lib.lionopt_lion_quant_step(
         *head,
         _DTYPES[params[0].dtype],
         _flags(hyper),
@@ -228,3 +202,17 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.lionopt_lion_quant_step.argtypes = [i64, *[ptr] * 7, dbl, dbl, dbl, i32, i32, i32]
     lib.lionopt_lion_plain_step.restype = i32
     lib.lionopt_lion_plain_step.argtypes = [i64, *[ptr] * 6, dbl, dbl, dbl, i32, i32, i32, i32]
+
+
+def _check_abi(lib: ctypes.CDLL, info: dict) -> None:
+    if lib.lionopt_quant_abi_version() != _ABI_VERSION:
+        raise RuntimeError(f"{info['path']} has another ABI version")
+
+
+_library = LazyLibrary(
+    _SOURCE,
+    "lionopt_quant_cpu",
+    check=_check_abi,
+    declare=_declare,
+    description="fused CPU 8-bit/rounding kernel",
+)
