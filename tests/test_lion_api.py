@@ -272,6 +272,18 @@ def test_load_state_dict_rejects_a_mismatched_checkpoint():
         opt.load_state_dict(other.state_dict())
 
 
+def test_load_state_dict_rejects_a_momentum_of_the_wrong_shape():
+    model = make_model()
+    opt = Lion(model.parameters(), lr=1e-2)
+    train_steps(model, opt, batches(1))
+    state = copy.deepcopy(opt.state_dict())
+    state["state"][0]["exp_avg"] = torch.zeros(7)
+    fresh = Lion(model.parameters(), lr=1e-2)
+    with pytest.raises(ValueError, match=r"exp_avg has shape \(7,\), the parameter \(12, 6\)"):
+        fresh.load_state_dict(state)
+    assert len(fresh.state) == 0
+
+
 def test_optimizer_hooks_are_called():
     model = make_model()
     opt = Lion(model.parameters(), lr=1e-2)

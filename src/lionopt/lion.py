@@ -20,6 +20,7 @@ from lionopt.kernels.quantized import (
     convert_loaded_state,
     convert_momentum,
     normalize_momentum_dtype,
+    padded_numel,
     remember_loaded_state,
 )
 from lionopt.kernels.rounding import rounding_key
@@ -131,6 +132,7 @@ class Lion(Optimizer):
     def _register_state_hooks(self) -> None:
         """Loading a state dict keeps this optimizer's momentum_dtype and converts to it."""
         if not getattr(self, "_state_hooks_registered", False):
+            self.register_load_state_dict_pre_hook(_check_momentum_shapes)
             self.register_load_state_dict_pre_hook(remember_loaded_state)
             self.register_load_state_dict_post_hook(convert_loaded_state)
             self._state_hooks_registered = True
@@ -247,6 +249,29 @@ class Lion(Optimizer):
             keys.append(rounding_key(group["seed"], int(step), index[id(p)]))
             step += 1
         return keys
+
+
+def _check_momentum_shapes(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
+    """``load_state_dict`` pre-hook: a momentum that does not fit its parameter is an error.
+
+    Checked before anything is loaded, so a wrong checkpoint changes nothing.
+    """
+    saved_state = state_dict.get("state", {})
+    for group, saved_group in zip(optimizer.param_groups, state_dict.get("param_groups", [])):
+        for param, key in zip(group["params"], saved_group["params"]):
+            state = saved_state.get(key, {})
+            momentum = state.get("exp_avg")
+            if not isinstance(momentum, Tensor):
+                continue
+            if "exp_avg_scale" in state:  # 8-bit: flat codes padded to whole blocks
+                fits = momentum.numel() == padded_numel(param.numel())
+            else:
+                fits = momentum.shape == param.shape
+            if not fits:
+                raise ValueError(
+                    f"Invalid state for parameter {key}: exp_avg has shape "
+                    f"{tuple(momentum.shape)}, the parameter {tuple(param.shape)}"
+                )
 
 
 def _as_float(value: float | Tensor) -> float:
