@@ -35,6 +35,7 @@ from torch import Tensor
 
 from lionopt.bench.impls import Impl, Step, ideal_bytes, peer_installed
 from lionopt.bench.presets import Shape
+from lionopt.memory import bytes_per_param
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Result:
     x_adamw_fused: float | None = None
     x_roofline: float | None = None
     extra_peak_mb: float | None = None
+    state_bytes_per_param: float | None = None
     times_ms: list[float] = field(default_factory=list, repr=False)
 
 
@@ -138,6 +140,9 @@ def run_preset(
         moved = ideal_bytes(result.kind, params)
         result.gbps = moved / result.ms / 1e6
         result.x_roofline = result.ms / (moved / roofline_gbps / 1e6)
+        optimizer = getattr(step, "__self__", None)  # a bound Optimizer.step
+        if isinstance(optimizer, torch.optim.Optimizer):
+            result.state_bytes_per_param = bytes_per_param(optimizer)
         if memory:
             result.extra_peak_mb = extra_peak_bytes(step, device)
             if result.extra_peak_mb is not None:

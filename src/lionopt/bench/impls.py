@@ -127,6 +127,8 @@ IMPLS: list[Impl] = [
     Impl("lionopt fused (default)", "lion", _lion(), "lionopt"),
     Impl("lionopt foreach", "lion", _lion(foreach=True), "lionopt"),
     Impl("lionopt loop", "lion", _lion(foreach=False, fused=False), "lionopt"),
+    Impl("lionopt bf16 momentum", "lion-bf16", _lion(momentum_dtype="bf16"), "lionopt"),
+    Impl("lionopt 8-bit momentum", "lion-8bit", _lion(momentum_dtype="int8"), "lionopt"),
     Impl("seed-style loop", "lion", _seed, "baseline"),
     Impl("torch AdamW loop", "adamw", _adamw(foreach=False), "torch"),
     Impl("torch AdamW foreach", "adamw", _adamw(foreach=True), "torch"),
@@ -148,12 +150,17 @@ def peer_installed(impl: Impl) -> bool:
     return impl.requires is None or importlib.util.find_spec(impl.requires) is not None
 
 
+#: State bytes per element of each kind; None: the parameter's own element size.
+_STATE_BYTES = {"lion": None, "adamw": None, "lion-bf16": 2.0, "lion-8bit": 1.0 + 4.0 / 256}
+
+
 def ideal_bytes(kind: str, params: list[Tensor]) -> int:
     """Bytes an ideal fused kernel moves per step: Lion reads θ, g, m and writes θ, m; AdamW
-    also reads and writes v. State is kept in the parameter dtype."""
-    state_tensors = {"lion": 1, "adamw": 2}[kind]
-    total = 0
+    also reads and writes v. State is in the parameter dtype, or bf16 / 8-bit for those kinds."""
+    state_tensors = 2 if kind == "adamw" else 1
+    total = 0.0
     for p in params:
         size = p.numel() * p.element_size()
-        total += 2 * size + size + 2 * state_tensors * size
-    return total
+        state_size = p.numel() * (_STATE_BYTES[kind] or p.element_size())
+        total += 2 * size + size + 2 * state_tensors * state_size
+    return int(total)

@@ -58,6 +58,7 @@ def format_table(report: PresetReport) -> str:
         ("xAdamW fused", 12, ">"),
         ("xroofline", 9, ">"),
         ("extra MB", 8, ">"),
+        ("state B/param", 13, ">"),
     ]
     lines = ["  ".join(f"{name:{align}{width}}" for name, width, align in columns)]
     lines.append("  ".join("-" * width for _, width, _ in columns))
@@ -74,6 +75,7 @@ def format_table(report: PresetReport) -> str:
             _fmt(r.x_adamw_fused, ".2f"),
             _fmt(r.x_roofline, ".2f"),
             _fmt(r.extra_peak_mb, ".1f"),
+            _fmt(r.state_bytes_per_param, ".3f"),
         ]
         lines.append("  ".join(f"{c:{a}{w}}" for c, (_, w, a) in zip(cells, columns)))
     return header + "\n".join(lines)

@@ -208,7 +208,7 @@ def compare_rows(task: dict) -> list[list[str]]:
                 fmt_stat(s["final_metric"], task["metric"]),
                 fmt_stat(s["best_metric"], task["metric"]),
                 fmt_reach(s.get("steps_to_adamw_final")),
-                fmt_bytes(s["state_bytes"]),
+                f"{fmt_bytes(s['state_bytes'])} ({s['state_bytes'] / s['param_count']:.2f} B/p)",
                 fmt_stat(s["optimizer_step_ms"], "ms"),
                 fmt_stat(s["train_step_ms"], "ms"),
                 f"{s['wall_s']['mean']:.1f}",

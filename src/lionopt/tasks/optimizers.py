@@ -49,6 +49,14 @@ def _lion_cautious(params, lr: float, wd: float, factor: float) -> torch.optim.O
     return lionopt.Lion(params, **from_adamw(lr, wd, factor), cautious=True)
 
 
+def _lion_bf16(params, lr: float, wd: float, factor: float) -> torch.optim.Optimizer:
+    return lionopt.Lion(params, **from_adamw(lr, wd, factor), momentum_dtype="bf16")
+
+
+def _lion_8bit(params, lr: float, wd: float, factor: float) -> torch.optim.Optimizer:
+    return lionopt.Lion(params, **from_adamw(lr, wd, factor), momentum_dtype="int8")
+
+
 def _signum(params, lr: float, wd: float, factor: float) -> torch.optim.Optimizer:
     return lionopt.Signum(params, **from_adamw(lr, wd, factor))
 
@@ -63,6 +71,8 @@ def _tiger(params, lr: float, wd: float, factor: float) -> torch.optim.Optimizer
 register_optimizer("adamw", _adamw)
 register_optimizer("lion", _lion)
 register_optimizer("lion-cautious", _lion_cautious)
+register_optimizer("lion-bf16", _lion_bf16)
+register_optimizer("lion-8bit", _lion_8bit)
 register_optimizer("signum", _signum)
 register_optimizer("tiger", _tiger)
 
