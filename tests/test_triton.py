@@ -8,14 +8,12 @@ is not installed; on a machine without CUDA, ``available()`` must say no with on
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
-import textwrap
 import warnings
 
 import pytest
 import torch
+
+from support import run_under_triton_interpreter
 
 needs_triton = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None, reason="triton is not installed"
@@ -89,14 +87,7 @@ print("OK")
 
 @needs_triton
 def test_triton_kernel_under_the_interpreter_is_bitwise() -> None:
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(INTERPRETER_SCRIPT)],
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+    run_under_triton_interpreter(INTERPRETER_SCRIPT)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU answer")

@@ -10,12 +10,10 @@ stochastically with a new key per step. Skipped where triton is not installed.
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
+
+from support import run_under_triton_interpreter
 
 needs_triton = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None, reason="triton is not installed"
@@ -138,11 +136,4 @@ print("OK")
 
 @needs_triton
 def test_triton_quant_kernels_under_the_interpreter_are_bitwise() -> None:
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(INTERPRETER_SCRIPT)],
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+    run_under_triton_interpreter(INTERPRETER_SCRIPT)

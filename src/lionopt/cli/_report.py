@@ -229,6 +229,15 @@ def task_heading(task: dict) -> str:
     )
 
 
+def _join_with_footer(parts: list[str], report: dict) -> str:
+    """The text report's lines, then its wall time and whether it was interrupted."""
+    if report.get("wall_s") is not None:
+        parts.append(f"Total wall time: {report['wall_s']:.0f} s")
+    if report["interrupted"]:
+        parts.append("INTERRUPTED: the report holds only the runs that finished.")
+    return "\n".join(parts).rstrip() + "\n"
+
+
 def compare_text(report: dict) -> str:
     parts = []
     for task in report["tasks"]:
@@ -237,11 +246,7 @@ def compare_text(report: dict) -> str:
             parts.append(text_table(COMPARE_HEADERS, compare_rows(task)))
         parts += task.get("verdict", [])
         parts.append("")
-    if report.get("wall_s") is not None:
-        parts.append(f"Total wall time: {report['wall_s']:.0f} s")
-    if report["interrupted"]:
-        parts.append("INTERRUPTED: the report holds only the runs that finished.")
-    return "\n".join(parts).rstrip() + "\n"
+    return _join_with_footer(parts, report)
 
 
 def compare_markdown(report: dict, plots: dict[str, str]) -> str:
@@ -348,11 +353,7 @@ def sweep_text(report: dict) -> str:
             parts.append("")
         parts += task.get("verdict", [])
         parts.append("")
-    if report.get("wall_s") is not None:
-        parts.append(f"Total wall time: {report['wall_s']:.0f} s")
-    if report["interrupted"]:
-        parts.append("INTERRUPTED: the report holds only the runs that finished.")
-    return "\n".join(parts).rstrip() + "\n"
+    return _join_with_footer(parts, report)
 
 
 def task_heading_sweep(task: dict) -> str:
