@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import array
 import ctypes
+from collections.abc import Callable
 from dataclasses import replace
 from operator import attrgetter
 from pathlib import Path
@@ -42,7 +43,7 @@ from lionopt.kernels._build import LazyLibrary
 from lionopt.kernels._common import LionHyper
 from lionopt.kernels.foreach import multi_tensor_lion
 
-__all__ = ["available", "build_info", "lion_step", "stream_step", "supports"]
+__all__ = ["available", "build_info", "lion_step", "stream_step", "streamer", "supports"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "lion_cpu.cpp"
 _ABI_VERSION = 1
@@ -233,21 +234,33 @@ def stream_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
     Same tensors, same split across threads, same bytes as ``lion_step``; it changes the
     values (p += g, m -= g), so run it on scratch tensors.
     """
+    streamer(params, grads, exp_avgs)()
+
+
+def streamer(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]
+) -> Callable[[], None]:
+    """``stream_step`` with its pointer table built once: each call is one kernel call.
+
+    The benchmark's roofline, so that it measures memory traffic and no Python work. The
+    tensors must stay alive and in place while the returned function is used.
+    """
     if not params:
-        return
+        return lambda: None
     if not available():
         raise RuntimeError("lionopt: the fused CPU kernel is not available")
     count = len(params)
     pointers, numels = _pointers(params, grads, exp_avgs)
-    status = _library.lib.lionopt_stream(
-        count,
-        *_thirds(pointers, count),
-        numels.buffer_info()[0],
-        params[0].element_size(),
-        torch.get_num_threads(),
-    )
-    if status != 0:
-        raise TypeError(f"lionopt: no stream kernel for element size {params[0].element_size()}")
+    element_size = params[0].element_size()
+    args = (count, *_thirds(pointers, count), numels.buffer_info()[0], element_size)
+    stream = _library.lib.lionopt_stream
+
+    def run() -> None:
+        if stream(*args, torch.get_num_threads()) != 0:
+            raise TypeError(f"lionopt: no stream kernel for element size {element_size}")
+
+    run.keepalive = (pointers, numels)  # the buffers the arguments point into
+    return run
 
 
 def _thirds(pointers: array.array, count: int) -> tuple[int, int, int]:
