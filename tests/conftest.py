@@ -20,6 +20,17 @@ def implementation(request) -> str:
     return request.param
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cpu_dispatch_built() -> None:
+    """Wait for the C++ dispatch's background build, so every test sees the same paths."""
+    if not fused_available("cpu"):
+        return
+    from lionopt.kernels import cpu_dispatch
+
+    if not cpu_dispatch.wait() and os.environ.get("LIONOPT_REQUIRE_FUSED") == "1":
+        pytest.fail("LIONOPT_REQUIRE_FUSED=1 but the C++ dispatch did not build")
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_seed():
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from lionopt import Lion
-from lionopt.kernels import fused_cpu
+from lionopt.kernels import cpu_dispatch, fused_cpu
 from lionopt.kernels._common import LionHyper
 from lionopt.kernels.reference import single_tensor_lion
 
@@ -161,6 +161,8 @@ def test_thread_count_does_not_change_results() -> None:
 
 
 def test_default_lion_uses_the_fused_kernel(monkeypatch) -> None:
+    """Without the C++ dispatch (test_cpu_dispatch covers it), one kernel call per step."""
+    monkeypatch.setattr(cpu_dispatch, "available", lambda: False)
     calls = []
     original = fused_cpu.lion_step
 
@@ -270,12 +272,13 @@ def _run_python(code: str, env: dict) -> subprocess.CompletedProcess:
 
 def test_second_process_loads_the_cached_build_and_import_builds_nothing() -> None:
     code = """
-        import sys
         import lionopt
-        assert "lionopt.kernels.fused_cpu" not in sys.modules, "import of lionopt loaded the kernel"
-        from lionopt.kernels import fused_cpu
-        assert fused_cpu._library.state is None, "importing the module built it"
+        from lionopt.kernels import cpu_dispatch, fused_cpu
+        assert fused_cpu._library.state is None, "importing lionopt built or loaded the kernel"
+        assert cpu_dispatch._library._thread is None, "importing lionopt started a build"
         assert fused_cpu.available()
+        assert cpu_dispatch.wait(), "the C++ dispatch did not load from the cache"
+        assert not cpu_dispatch.build_info()["compiled"], cpu_dispatch.build_info()
         info = fused_cpu.build_info()
         assert not info["compiled"], info
         assert info["seconds"] < 1.0, info

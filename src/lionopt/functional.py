@@ -6,6 +6,8 @@
 Tensors are grouped by device and dtype; each group goes to one implementation:
 
 - ``fused``: one compiled pass per group (C++ on CPU, Triton on CUDA), the default where it runs;
+  on CPU, when every tensor suits the kernel, one C++ call (``kernels.cpu_dispatch``) does the
+  checks and the step, with no Python work per tensor;
 - ``foreach``: ``torch._foreach_*`` ops, the default elsewhere and under ``torch.compile``;
 - the single-tensor reference loop (``foreach=False, fused=False``).
 """
@@ -21,6 +23,7 @@ from operator import attrgetter
 import torch
 from torch import Tensor
 
+from lionopt.kernels import cpu_dispatch
 from lionopt.kernels._common import LionHyper
 from lionopt.kernels.foreach import multi_tensor_lion
 from lionopt.kernels.quantized import quantized_lion
@@ -94,6 +97,15 @@ def lion(
         impl = single_tensor_lion if foreach is False else multi_tensor_lion
         impl(params, grads, exp_avgs, hyper)
         return
+    if (
+        fused is not False
+        and foreach is not True
+        and exp_avg_scales is None
+        and rounding_keys is None
+        and params[0].is_cpu
+        and cpu_dispatch.lists_step(params, grads, exp_avgs, hyper)
+    ):
+        return  # one C++ call checked every tensor and ran the fused CPU kernel
 
     for (device_type, dtypes), (indices, group) in _group_by_device_and_dtype(
         params, grads, exp_avgs

@@ -8,7 +8,10 @@ same key the official code and the common PyTorch ports use, so checkpoints move
 from __future__ import annotations
 
 import math
+import operator
+from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,6 +19,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lionopt.functional import lion
+from lionopt.kernels import cpu_dispatch, fused_cpu
+from lionopt.kernels._common import LionHyper
 from lionopt.kernels.quantized import (
     convert_loaded_state,
     convert_momentum,
@@ -128,6 +133,8 @@ class Lion(Optimizer):
         _validate_group(defaults)
         super().__init__(params, defaults)
         self._register_state_hooks()
+        self.state = _TrackedState(self.state)
+        self._layouts: dict[int, _GroupLayout] = {}
 
     def _register_state_hooks(self) -> None:
         """Loading a state dict keeps this optimizer's momentum_dtype and converts to it."""
@@ -149,6 +156,9 @@ class Lion(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._register_state_hooks()
+        if not isinstance(self.state, _TrackedState):
+            self.state = _TrackedState(self.state)
+        self._layouts = {}
         for group in self.param_groups:
             for key, value in _GROUP_DEFAULTS.items():
                 group.setdefault(key, value)
@@ -193,16 +203,18 @@ class Lion(Optimizer):
                 loss = closure()
 
         for group in self.param_groups:
+            fast = self._cpu_dispatch_ready(group)
+            if fast and self._step_cached_layout(group):
+                continue
             params: list[Tensor] = []
             grads: list[Tensor] = []
             exp_avgs: list[Tensor] = []
             self._init_group(group, params, grads, exp_avgs)
+            if fast is not None:
+                self._remember_layout(group)
             if not params:
                 continue
             beta1, beta2 = group["betas"]
-            weight_decay = group["weight_decay"]
-            if group["decouple_lr"] and weight_decay != 0:
-                weight_decay = weight_decay / group["max_lr"]
             lion(
                 params,
                 grads,
@@ -210,7 +222,7 @@ class Lion(Optimizer):
                 lr=group["lr"],
                 beta1=beta1,
                 beta2=beta2,
-                weight_decay=weight_decay,
+                weight_decay=_weight_decay(group),
                 maximize=group["maximize"],
                 foreach=group["foreach"],
                 fused=group["fused"],
@@ -220,6 +232,74 @@ class Lion(Optimizer):
                 rounding_keys=self._rounding_keys(group, params),
             )
         return loss
+
+    # The C++ dispatch of fused CPU steps. Each group's parameters and their state dicts are
+    # remembered after a Python step ("layout"); later steps hand them to one C++ call that
+    # reads each p.grad and state["exp_avg"] itself. A layout is dropped when the state is
+    # changed (the state dict counts its changes), the group's params change, or the C++ side
+    # finds it stale (a new parameter with a gradient, a momentum in another format).
+
+    def _cpu_dispatch_ready(self, group: dict[str, Any]) -> bool | None:
+        """True: step through the C++ dispatch; False: not yet (it is building); None: never."""
+        if (
+            group["fused"] is False
+            or group["foreach"]
+            or group["momentum_dtype"] is not None
+            or group["stochastic_rounding"]
+            or not isinstance(self.state, _TrackedState)
+            or torch.compiler.is_compiling()
+        ):
+            return None
+        params = group["params"]
+        if not params or not params[0].is_cpu:
+            return None
+        return cpu_dispatch.available()
+
+    def _step_cached_layout(self, group: dict[str, Any]) -> bool:
+        """Step ``group`` in one C++ call; False when the Python path must do it."""
+        layout = self._layouts.get(id(group))
+        if layout is None or not layout.fits(group, self.state):
+            return False
+        beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        status = cpu_dispatch.group_step(
+            group["params"],
+            layout.params,
+            layout.states,
+            lr.item() if isinstance(lr, Tensor) else lr,
+            beta1,
+            beta2,
+            _weight_decay(group),
+            fused_cpu.option_flags(
+                LionHyper(
+                    lr=0.0,
+                    beta1=beta1,
+                    beta2=beta2,
+                    weight_decay=_weight_decay(group),
+                    maximize=group["maximize"],
+                    cautious=group["cautious"],
+                    cautious_weight_decay=group["cautious_weight_decay"],
+                )
+            ),
+        )
+        if status == cpu_dispatch.STALE:
+            del self._layouts[id(group)]
+        # DECLINED (say, a non-contiguous grad this step): the Python path takes this step.
+        return status in (cpu_dispatch.STEPPED, cpu_dispatch.NOTHING_TO_DO)
+
+    def _remember_layout(self, group: dict[str, Any]) -> None:
+        layout = self._layouts.get(id(group))
+        if layout is not None and layout.fits(group, self.state) and layout.same_params(group):
+            return
+        state = self.state
+        params = tuple(group["params"])
+        self._layouts[id(group)] = _GroupLayout(
+            group=group,
+            params=params,
+            states=tuple(map(state.get, params)),
+            state=state,
+            version=state.version,
+        )
 
     def _exp_avg_scales(
         self, group: dict[str, Any], params: list[Tensor]
@@ -249,6 +329,83 @@ class Lion(Optimizer):
             keys.append(rounding_key(group["seed"], int(step), index[id(p)]))
             step += 1
         return keys
+
+
+class _TrackedState(defaultdict):
+    """``Optimizer.state`` (a ``defaultdict(dict)``) that counts the changes made to it.
+
+    ``Lion`` compares the count to tell whether a remembered group layout is still valid.
+    """
+
+    version = 0
+
+    def __init__(self, items: dict | None = None) -> None:
+        super().__init__(dict, items or {})
+
+    def __reduce__(self):
+        return (_TrackedState, (), None, None, iter(self.items()))
+
+    def _changed(self) -> None:
+        self.version += 1
+
+    def __setitem__(self, key, value) -> None:
+        self._changed()
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key) -> None:
+        self._changed()
+        super().__delitem__(key)
+
+    def __ior__(self, other):
+        self._changed()
+        return super().__ior__(other)
+
+    def clear(self) -> None:
+        self._changed()
+        super().clear()
+
+    def pop(self, *args):
+        self._changed()
+        return super().pop(*args)
+
+    def popitem(self):
+        self._changed()
+        return super().popitem()
+
+    def setdefault(self, key, default=None):
+        self._changed()
+        return super().setdefault(key, default)
+
+    def update(self, *args, **kwargs) -> None:
+        self._changed()
+        super().update(*args, **kwargs)
+
+
+@dataclass(eq=False, repr=False)
+class _GroupLayout:
+    """A group's parameters and their state dicts, as ``Lion`` last saw them."""
+
+    group: dict[str, Any]
+    params: tuple[Tensor, ...]
+    states: tuple[dict | None, ...]
+    state: _TrackedState
+    version: int
+
+    def fits(self, group: dict[str, Any], state: _TrackedState) -> bool:
+        """Same group and unchanged state (the C++ side checks the params one by one)."""
+        return self.group is group and self.state is state and self.version == state.version
+
+    def same_params(self, group: dict[str, Any]) -> bool:
+        params = group["params"]
+        return len(params) == len(self.params) and all(map(operator.is_, params, self.params))
+
+
+def _weight_decay(group: dict[str, Any]) -> float:
+    """The group's λ as the step applies it (÷ max_lr with ``decouple_lr``)."""
+    weight_decay = group["weight_decay"]
+    if group["decouple_lr"] and weight_decay != 0:
+        weight_decay = weight_decay / group["max_lr"]
+    return weight_decay
 
 
 def _check_momentum_shapes(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:

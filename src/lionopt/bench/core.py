@@ -186,7 +186,6 @@ def _roofline(params: list[Tensor], device: str) -> tuple[Step, str, int]:
             grads = [p.grad for p in params]
             moms = [torch.zeros_like(p) for p in params]
             if fused_cpu.supports(thetas, grads, moms, _stream_hyper()):
-
                 stream = fused_cpu.streamer(thetas, grads, moms)
                 stream.tensors = (thetas, grads, moms)
                 method = (

@@ -21,9 +21,10 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["LazyLibrary", "load_library"]
+__all__ = ["BuildOptions", "LazyLibrary", "load_library"]
 
 
 class LazyLibrary:
@@ -42,57 +43,130 @@ class LazyLibrary:
         check: Callable[[ctypes.CDLL, dict], None],
         declare: Callable[[ctypes.CDLL], None],
         description: str,
+        fallback: str = "using the torch implementation instead",
+        build: Callable[[], BuildOptions] | None = None,
+        background: bool = False,
     ) -> None:
-        self._config = (source, name, check, declare, description)
+        self._config = dict(
+            source=source,
+            name=name,
+            check=check,
+            declare=declare,
+            description=description,
+            fallback=fallback,
+            build=build,
+            background=background,
+        )
         self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._failure: str | None = None
         self.lib: ctypes.CDLL | None = None
-        self.state: bool | None = None  # None: not tried yet
+        self.state: bool | None = None  # None: not tried yet (or still building)
         self.info: dict = {}
 
     def fresh(self) -> LazyLibrary:
         """An untried copy (tests use it to build again)."""
-        source, name, check, declare, description = self._config
-        return LazyLibrary(source, name, check=check, declare=declare, description=description)
+        config = dict(self._config)
+        return LazyLibrary(config.pop("source"), config.pop("name"), **config)
 
     def available(self) -> bool:
-        if self.state is None:
-            with self._lock:
-                if self.state is None:
-                    self.state = self._load()
-        return self.state
+        """Whether the library is loaded; the first call builds it, or loads the cached build.
 
-    def _load(self) -> bool:
-        source, name, check, declare, description = self._config
+        A ``background`` library builds in a thread: until it is ready this returns False at
+        once, and the caller uses its fallback.
+        """
+        if self.state is None:
+            if self._config["background"]:
+                self._start_background()
+            else:
+                with self._lock:
+                    if self.state is None:
+                        self.state = self._load()
+        if self._failure is not None:
+            self._warn(self._failure)
+        return bool(self.state)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until a background build is done (or ``timeout`` s); then ``available()``."""
+        self.available()
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        return self.available()
+
+    def _start_background(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._background_load, name=f"lionopt-build-{self._config['name']}"
+                )
+                self._thread.daemon = True
+                self._thread.start()
+
+    def _background_load(self) -> None:
+        loaded = self._load(warn=False)
+        with self._lock:
+            self.state = loaded
+
+    def _load(self, warn: bool = True) -> bool:
+        config = self._config
         try:
             start = time.perf_counter()
-            lib, info = load_library(source, name)
-            check(lib, info)
-            declare(lib)
+            options = config["build"]() if config["build"] is not None else BuildOptions()
+            lib, info = load_library(config["source"], config["name"], options)
+            config["check"](lib, info)
+            config["declare"](lib)
         except Exception as exc:
-            warnings.warn(
-                f"lionopt: the {description} could not be built or loaded ({exc}); "
-                "using the torch implementation instead.",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+            if warn:
+                self._warn(str(exc))
+            else:  # a background thread: warn from the caller's thread, at its next call
+                self._failure = str(exc)
             return False
         self.info.update(info, seconds=time.perf_counter() - start)
         self.lib = lib
         return True
 
+    def _warn(self, reason: str) -> None:
+        self._failure = None
+        warnings.warn(
+            f"lionopt: the {self._config['description']} could not be built or loaded "
+            f"({reason}); {self._config['fallback']}.",
+            RuntimeWarning,
+            stacklevel=5,
+        )
 
-def load_library(source: Path, name: str) -> tuple[ctypes.CDLL, dict]:
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """What a library needs beyond ``_compile_flags()``: headers, libraries, a loader."""
+
+    compile_flags: tuple[str, ...] = ()
+    link_flags: tuple[str, ...] = ()
+    #: Also hashed into the cache folder's name: what the build depends on besides the source.
+    salt: str = ""
+    #: ctypes.PyDLL for a library that calls the Python C API (the GIL stays held).
+    dll_type: type = ctypes.CDLL
+    #: Other sources the build includes, hashed with it.
+    includes: tuple[Path, ...] = ()
+
+
+def load_library(
+    source: Path, name: str, options: BuildOptions | None = None
+) -> tuple[ctypes.CDLL, dict]:
     """The library built from ``source`` (building it if needed), and how it was obtained.
 
     Raises RuntimeError (or OSError) when it cannot be built or loaded.
     """
+    options = options or BuildOptions()
     compiler = os.environ.get("CXX") or shutil.which("c++") or "g++"
-    flags = _compile_flags()
+    flags = [*_compile_flags(), *options.compile_flags]
     digest = hashlib.sha256(
         b"\0".join(
             [
                 source.read_bytes(),
-                " ".join(flags).encode(),
+                *(path.read_bytes() for path in options.includes),
+                " ".join([*flags, *options.link_flags]).encode(),
+                options.salt.encode(),
                 compiler.encode(),
                 sys.platform.encode(),
             ]
@@ -101,9 +175,9 @@ def load_library(source: Path, name: str) -> tuple[ctypes.CDLL, dict]:
     target = _cache_root() / name / digest / f"{source.stem}.so"
     info = {"path": str(target), "compiler": compiler, "flags": flags, "compiled": False}
     if not target.exists():
-        target = _build(source, compiler, flags, target)
+        target = _build(source, compiler, flags, list(options.link_flags), target)
         info.update(path=str(target), compiled=True)
-    return ctypes.CDLL(str(target)), info
+    return options.dll_type(str(target)), info
 
 
 def _compile_flags() -> list[str]:
@@ -134,7 +208,9 @@ def _cache_root() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "torch_extensions"
 
 
-def _build(source: Path, compiler: str, flags: list[str], target: Path) -> Path:
+def _build(
+    source: Path, compiler: str, flags: list[str], link_flags: list[str], target: Path
+) -> Path:
     """Compiles beside ``target`` (or in a temporary folder if the cache is read-only)."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -143,7 +219,7 @@ def _build(source: Path, compiler: str, flags: list[str], target: Path) -> Path:
     tmp = target.with_name(f"{target.stem}.{os.getpid()}.{threading.get_ident()}.tmp.so")
     errors = []
     for openmp in (["-fopenmp"], []):  # without OpenMP it still builds, single-threaded
-        command = [compiler, *flags, *openmp, str(source), "-o", str(tmp)]
+        command = [compiler, *flags, *openmp, str(source), "-o", str(tmp), *link_flags]
         try:
             result = subprocess.run(command, capture_output=True, text=True, timeout=300)
         except (OSError, subprocess.SubprocessError) as exc:

@@ -43,9 +43,18 @@ from lionopt.kernels._build import LazyLibrary
 from lionopt.kernels._common import LionHyper
 from lionopt.kernels.foreach import multi_tensor_lion
 
-__all__ = ["available", "build_info", "lion_step", "stream_step", "streamer", "supports"]
+__all__ = [
+    "SOURCE",
+    "available",
+    "build_info",
+    "lion_step",
+    "option_flags",
+    "stream_step",
+    "streamer",
+    "supports",
+]
 
-_SOURCE = Path(__file__).with_name("csrc") / "lion_cpu.cpp"
+SOURCE = Path(__file__).with_name("csrc") / "lion_cpu.cpp"
 _ABI_VERSION = 1
 
 # Storage dtype codes and option bits, as numbered in lion_cpu.cpp.
@@ -140,12 +149,6 @@ def _kernel_step(
     codes = _dtype_codes(params[0], grads[0], exp_avgs[0])
     pointers, numels = _pointers(params, grads, exp_avgs, numels)
     lrs = array.array("d", hyper.lrs(count))
-    flags = (
-        (_DECAY if hyper.weight_decay != 0 else 0)
-        | (_CAUTIOUS if hyper.cautious else 0)
-        | (_CAUTIOUS_DECAY if hyper.cautious_weight_decay else 0)
-        | (_MAXIMIZE if hyper.maximize else 0)
-    )
     status = _library.lib.lionopt_lion_step(
         count,
         *_thirds(pointers, count),
@@ -155,11 +158,23 @@ def _kernel_step(
         float(hyper.beta2),
         float(hyper.weight_decay),
         *codes,
-        flags,
+        option_flags(hyper),
         torch.get_num_threads(),
     )
     if status != 0:
         raise TypeError(f"lionopt: the fused CPU kernel has no variant for dtypes {codes}")
+    # Written through raw pointers: bump the versions as torch's in-place ops would.
+    torch.autograd.graph.increment_version([*params, *exp_avgs])
+
+
+def option_flags(hyper: LionHyper) -> int:
+    """The kernel's option bits (as numbered in lion_cpu.cpp) for these hyperparameters."""
+    return (
+        (_DECAY if hyper.weight_decay != 0 else 0)
+        | (_CAUTIOUS if hyper.cautious else 0)
+        | (_CAUTIOUS_DECAY if hyper.cautious_weight_decay else 0)
+        | (_MAXIMIZE if hyper.maximize else 0)
+    )
 
 
 def _check(
@@ -312,7 +327,7 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 
 _library = LazyLibrary(
-    _SOURCE,
+    SOURCE,
     "lionopt_fused_cpu",
     check=_check_abi,
     declare=_declare,

@@ -246,17 +246,11 @@ void stream_typed(int64_t n_tensors, void* const* params, void* const* grads, vo
   });
 }
 
-}  // namespace
-
-extern "C" {
-
-int lionopt_abi_version() { return 1; }
-
-// Returns 0 on success, 1 for an unsupported dtype combination.
-int lionopt_lion_step(int64_t n_tensors, void* const* params, void* const* grads,
-                      void* const* moms, const int64_t* numels, const double* lrs, double beta1,
-                      double beta2, double weight_decay, int param_dtype, int grad_dtype,
-                      int mom_dtype, int flags, int num_threads) {
+// Runs the kernel variant for these storage dtypes; returns 0, or 1 for an unsupported combination.
+int lion_step_any_dtype(int64_t n_tensors, void* const* params, void* const* grads,
+                        void* const* moms, const int64_t* numels, const double* lrs, double beta1,
+                        double beta2, double weight_decay, int param_dtype, int grad_dtype,
+                        int mom_dtype, int flags, int num_threads) {
   auto args = [&](auto kernel) {
     kernel(n_tensors, params, grads, moms, numels, lrs, beta1, beta2, weight_decay, flags,
            num_threads);
@@ -282,6 +276,24 @@ int lionopt_lion_step(int64_t n_tensors, void* const* params, void* const* grads
   return 1;
 }
 
+}  // namespace
+
+// lion_cpu_dispatch.cpp includes this file for the kernel, and exports its own functions.
+#ifndef LIONOPT_KERNEL_ONLY
+extern "C" {
+
+int lionopt_abi_version() { return 1; }
+
+// Returns 0 on success, 1 for an unsupported dtype combination.
+int lionopt_lion_step(int64_t n_tensors, void* const* params, void* const* grads,
+                      void* const* moms, const int64_t* numels, const double* lrs, double beta1,
+                      double beta2, double weight_decay, int param_dtype, int grad_dtype,
+                      int mom_dtype, int flags, int num_threads) {
+  return lion_step_any_dtype(n_tensors, params, grads, moms, numels, lrs, beta1, beta2,
+                             weight_decay, param_dtype, grad_dtype, mom_dtype, flags,
+                             num_threads);
+}
+
 // Element sizes 2, 4, 8 bytes; returns 1 for any other.
 int lionopt_stream(int64_t n_tensors, void* const* params, void* const* grads, void* const* moms,
                    const int64_t* numels, int element_size, int num_threads) {
@@ -294,3 +306,4 @@ int lionopt_stream(int64_t n_tensors, void* const* params, void* const* grads, v
 }
 
 }  // extern "C"
+#endif  // LIONOPT_KERNEL_ONLY
