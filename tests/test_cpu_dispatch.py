@@ -112,6 +112,44 @@ def test_group_step_matches_the_reference_bitwise(dtype, option, statuses) -> No
     assert not torch.equal(params[-1].detach(), start[-1])
 
 
+@pytest.mark.parametrize(
+    "param_dtype, momentum_dtype",
+    [
+        (torch.float32, torch.bfloat16),
+        (torch.bfloat16, torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float32, torch.float32),
+    ],
+    ids=["fp32-bf16", "bf16-fp32", "bf16-bf16", "fp32-fp32"],
+)
+def test_group_step_with_a_momentum_dtype(param_dtype, momentum_dtype, statuses) -> None:
+    """Also from a checkpoint in another format: the first step converts, then C++ steps."""
+    generator = torch.Generator().manual_seed(11)
+    start = [torch.randn(s, generator=generator).to(param_dtype) for s in SHAPES]
+    params = [torch.nn.Parameter(t.clone()) for t in start]
+    expected = [t.clone() for t in start]
+    other = torch.float64 if momentum_dtype == torch.float32 else torch.float32
+    optimizer = Lion(params, lr=0.01, weight_decay=0.5, momentum_dtype=momentum_dtype)
+    for p in params:  # a momentum in another dtype, as a loaded checkpoint may hold
+        optimizer.state[p]["exp_avg"] = torch.full_like(p, 0.25, dtype=other)
+    moms = [torch.full_like(p, 0.25, dtype=momentum_dtype) for p in start]
+    hyper = LionHyper(lr=0.01, beta1=0.9, beta2=0.99, weight_decay=0.5)
+    for step in range(20):
+        grads = [gradient(s, step, param_dtype, generator) for s in SHAPES]
+        for p, g in zip(params, grads):
+            p.grad = g
+        if step == 10:  # an exact up-cast, which the step must convert back
+            state = optimizer.state[params[1]]
+            state["exp_avg"] = state["exp_avg"].to(other)
+        optimizer.step()
+        single_tensor_lion(expected, grads, moms, hyper)
+    for i, (p, e, m) in enumerate(zip(params, expected, moms)):
+        assert_same(p.detach(), e, f"param {i}")
+        assert_same(optimizer.state[p]["exp_avg"], m, f"momentum {i}")
+    assert statuses.count(cpu_dispatch.STALE) == 1
+    assert statuses.count(cpu_dispatch.STEPPED) == 18
+
+
 def test_lists_step_matches_the_reference_with_per_tensor_lrs(monkeypatch) -> None:
     calls = []
     original = cpu_dispatch.lists_step

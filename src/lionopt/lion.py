@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lionopt.functional import lion
-from lionopt.kernels import cpu_dispatch, fused_cpu
+from lionopt.kernels import cpu_dispatch
 from lionopt.kernels._common import LionHyper
 from lionopt.kernels.quantized import (
     convert_loaded_state,
@@ -244,7 +244,7 @@ class Lion(Optimizer):
         if (
             group["fused"] is False
             or group["foreach"]
-            or group["momentum_dtype"] is not None
+            or group["momentum_dtype"] not in (None, torch.float32, torch.bfloat16)
             or group["stochastic_rounding"]
             or not isinstance(self.state, _TrackedState)
             or torch.compiler.is_compiling()
@@ -261,26 +261,17 @@ class Lion(Optimizer):
         if layout is None or not layout.fits(group, self.state):
             return False
         beta1, beta2 = group["betas"]
-        lr = group["lr"]
+        hyper = LionHyper(
+            lr=_as_float(group["lr"]),
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=_weight_decay(group),
+            maximize=group["maximize"],
+            cautious=group["cautious"],
+            cautious_weight_decay=group["cautious_weight_decay"],
+        )
         status = cpu_dispatch.group_step(
-            group["params"],
-            layout.params,
-            layout.states,
-            lr.item() if isinstance(lr, Tensor) else lr,
-            beta1,
-            beta2,
-            _weight_decay(group),
-            fused_cpu.option_flags(
-                LionHyper(
-                    lr=0.0,
-                    beta1=beta1,
-                    beta2=beta2,
-                    weight_decay=_weight_decay(group),
-                    maximize=group["maximize"],
-                    cautious=group["cautious"],
-                    cautious_weight_decay=group["cautious_weight_decay"],
-                )
-            ),
+            group["params"], layout.params, layout.states, group["momentum_dtype"], hyper
         )
         if status == cpu_dispatch.STALE:
             del self._layouts[id(group)]

@@ -36,7 +36,7 @@ from lionopt.kernels._common import LionHyper
 __all__ = ["available", "build_info", "group_step", "lists_step", "wait"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "lion_cpu_dispatch.cpp"
-_ABI_VERSION = 1
+_ABI_VERSION = 2
 
 # lionopt_group_step's results, as numbered in lion_cpu_dispatch.cpp.
 STEPPED, NOTHING_TO_DO, DECLINED, STALE = 0, 1, 2, 3
@@ -61,27 +61,27 @@ def group_step(
     params: list[Tensor],
     cached_params: tuple[Tensor, ...],
     states: tuple[dict | None, ...],
-    lr: float,
-    beta1: float,
-    beta2: float,
-    weight_decay: float,
-    flags: int,
+    momentum_dtype: torch.dtype | None,
+    hyper: LionHyper,
 ) -> int:
     """One step of an optimizer group whose parameters and state dicts were cached earlier.
 
-    Returns ``STEPPED``, ``NOTHING_TO_DO`` (no gradients), ``STALE`` (the cache no longer fits
-    the group: rebuild it) or ``DECLINED`` (a tensor the kernel does not take). Nothing is
-    written unless it returns ``STEPPED``.
+    ``momentum_dtype``: the dtype every momentum must have (float32 or bfloat16), or None for
+    any (the optimizer's default, which keeps a loaded momentum's dtype). ``hyper.lr`` is one
+    float. Returns ``STEPPED``, ``NOTHING_TO_DO`` (no gradients), ``STALE`` (the cache no
+    longer fits the group: rebuild it) or ``DECLINED`` (a tensor the kernel does not take).
+    Nothing is written unless it returns ``STEPPED``.
     """
     return _library.lib.lionopt_group_step(
         params,
         cached_params,
         states,
-        float(lr),
-        float(beta1),
-        float(beta2),
-        float(weight_decay),
-        flags,
+        -1 if momentum_dtype is None else fused_cpu.dtype_code(momentum_dtype),
+        float(hyper.lr),
+        float(hyper.beta1),
+        float(hyper.beta2),
+        float(hyper.weight_decay),
+        fused_cpu.option_flags(hyper),
         torch.get_num_threads(),
     )
 
@@ -145,7 +145,7 @@ def _check_abi(lib: ctypes.CDLL, info: dict) -> None:
 def _declare(lib: ctypes.CDLL) -> None:
     obj, dbl, i32 = ctypes.py_object, ctypes.c_double, ctypes.c_int
     lib.lionopt_group_step.restype = i32
-    lib.lionopt_group_step.argtypes = [obj, obj, obj, dbl, dbl, dbl, dbl, i32, i32]
+    lib.lionopt_group_step.argtypes = [obj, obj, obj, i32, dbl, dbl, dbl, dbl, i32, i32]
     lib.lionopt_lists_step.restype = i32
     lib.lionopt_lists_step.argtypes = [obj, obj, obj, obj, dbl, dbl, dbl, dbl, i32, i32]
 

@@ -47,6 +47,7 @@ __all__ = [
     "SOURCE",
     "available",
     "build_info",
+    "dtype_code",
     "lion_step",
     "option_flags",
     "stream_step",
@@ -282,6 +283,11 @@ def _thirds(pointers: array.array, count: int) -> tuple[int, int, int]:
     base = pointers.buffer_info()[0]
     step = count * pointers.itemsize
     return base, base + step, base + 2 * step
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    """The kernel's code for a storage dtype (as numbered in lion_cpu.cpp); -1 if it has none."""
+    return _DTYPE_CODES.get(dtype, -1)
 
 
 def _dtype_codes(param: Tensor, grad: Tensor, exp_avg: Tensor) -> tuple[int, int, int]:

@@ -162,19 +162,20 @@ struct Triples {
 
 extern "C" {
 
-int lionopt_dispatch_abi_version() { return 1; }
+int lionopt_dispatch_abi_version() { return 2; }
 
 // One step of an optimizer's parameter group whose layout was cached on an earlier step.
 //
 // params: the group's list of parameters; cached_params: a tuple of the same parameters as
 // when the cache was made; states: a tuple, per parameter, of its state dict (None if it had
-// none). Parameters without a gradient are skipped, as torch.optim does. Returns kStale when
-// the cache no longer fits (the list changed, a parameter with a gradient has no state or no
-// momentum yet, or its state holds an 8-bit momentum), kDeclined when a tensor is not for the
+// none). momentum_dtype: the dtype code every momentum must have (else the Python path converts
+// it), or -1 for any. Parameters without a gradient are skipped, as torch.optim does. Returns
+// kStale when the cache no longer fits (the list changed, a parameter with a gradient has no
+// state or no momentum yet, or a momentum in another format), kDeclined when a tensor is not for the
 // kernel, kNothingToDo when no parameter has a gradient, kStepped after the step.
-int lionopt_group_step(PyObject* params, PyObject* cached_params, PyObject* states, double lr,
-                       double beta1, double beta2, double weight_decay, int flags,
-                       int num_threads) {
+int lionopt_group_step(PyObject* params, PyObject* cached_params, PyObject* states,
+                       int momentum_dtype, double lr, double beta1, double beta2,
+                       double weight_decay, int flags, int num_threads) {
   try {
     if (!PyList_Check(params) || !PyTuple_Check(cached_params) || !PyTuple_Check(states))
       return kStale;
@@ -215,6 +216,8 @@ int lionopt_group_step(PyObject* params, PyObject* cached_params, PyObject* stat
             return kStale;  // no momentum yet, or an 8-bit one
           t.moms[j] = unpack(momenta[j]);
           if (t.moms[j] == nullptr) return kDeclined;
+          if (momentum_dtype >= 0 && dtype_code(t.moms[j]->scalar_type()) != momentum_dtype)
+            return kStale;  // to convert to the group's momentum_dtype
           t.grads[j] = &grad;
           prefetch_impl(t.grads[j]);
           prefetch_impl(t.moms[j]);
