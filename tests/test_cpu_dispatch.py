@@ -258,23 +258,26 @@ def test_a_step_without_gradients_changes_nothing(statuses) -> None:
     assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
 
 
-@pytest.mark.parametrize("path", ["c++ group", "c++ lists", "python fused"])
+@pytest.mark.parametrize("path", ["c++ group", "c++ lists", "python fused", "8-bit fused"])
 def test_steps_bump_version_counters_so_autograd_sees_them(path, monkeypatch) -> None:
     if path == "python fused":
         monkeypatch.setattr(cpu_dispatch, "available", lambda: False)
-    w = torch.nn.Parameter(torch.randn(16))
+    w = torch.nn.Parameter(torch.randn(4096))
     if path == "c++ lists":
-        m = torch.zeros(16)
+        m = torch.zeros(4096)
         before = (w._version, m._version)
-        functional.lion([w], [torch.randn(16)], [m], lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0)
+        functional.lion(
+            [w], [torch.randn(4096)], [m], lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0
+        )
         assert w._version > before[0] and m._version > before[1]
         return
-    optimizer = Lion([w], lr=0.1)
+    options = {"momentum_dtype": "int8"} if path == "8-bit fused" else {}
+    optimizer = Lion([w], lr=0.1, **options)
     for _ in range(2):  # the second step runs on the layout the first one made
-        w.grad = torch.randn(16)
+        w.grad = torch.randn(4096)
         optimizer.step()
     loss = (w * w).sum()  # saves w for backward
-    w.grad = torch.randn(16)
+    w.grad = torch.randn(4096)
     optimizer.step()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()

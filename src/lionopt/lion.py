@@ -242,12 +242,12 @@ class Lion(Optimizer):
     def _cpu_dispatch_ready(self, group: dict[str, Any]) -> bool | None:
         """True: step through the C++ dispatch; False: not yet (it is building); None: never."""
         if (
-            group["fused"] is False
+            torch.compiler.is_compiling()
+            or group["fused"] is False
             or group["foreach"]
             or group["momentum_dtype"] not in (None, torch.float32, torch.bfloat16)
             or group["stochastic_rounding"]
             or not isinstance(self.state, _TrackedState)
-            or torch.compiler.is_compiling()
         ):
             return None
         params = group["params"]

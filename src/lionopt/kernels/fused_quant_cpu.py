@@ -112,6 +112,7 @@ def lion_step(
     )
     if status != 0:
         raise TypeError(f"lionopt: no kernel for {params[0].dtype} with {exp_avgs[0].dtype}")
+    torch.autograd.graph.increment_version([*params, *exp_avgs])  # as in-place ops do
 
 
 def quantized_lion_step(
@@ -133,6 +134,7 @@ def quantized_lion_step(
     )
     if status != 0:
         raise TypeError(f"lionopt: no 8-bit kernel for parameter dtype {params[0].dtype}")
+    torch.autograd.graph.increment_version([*params, *codes, *scales])  # as in-place ops do
 
 
 def _plain_layout(params, grads, moments, hyper: LionHyper) -> bool:

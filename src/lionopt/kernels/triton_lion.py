@@ -139,6 +139,7 @@ def lion_step(
         num_warps=NUM_WARPS,
         enable_fp_fusion=False,
     )
+    torch.autograd.graph.increment_version([*params, *exp_avgs])  # as in-place ops do
 
 
 def _tables_for(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]):

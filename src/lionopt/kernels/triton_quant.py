@@ -146,6 +146,7 @@ def lion_step(
         num_warps=NUM_WARPS,
         enable_fp_fusion=False,
     )
+    torch.autograd.graph.increment_version([*params, *exp_avgs, *(scales or [])])
 
 
 def _tables_for(params, grads, moments, scales):
