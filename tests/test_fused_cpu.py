@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -285,6 +286,28 @@ def test_second_process_loads_the_cached_build_and_import_builds_nothing() -> No
         print("OK", info["seconds"])
     """
     result = _run_python(code, {})  # same environment, so the same cache as this session
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-2000:]
+
+
+def test_a_background_build_outlives_a_short_process(tmp_path) -> None:
+    """A process that exits while the C++ dispatch builds still leaves the build cached."""
+    code = """
+        from lionopt.kernels import cpu_dispatch
+        assert not cpu_dispatch.available()  # building in the background; exit at once
+        print("OK")
+    """
+    result = _run_python(code, {"LIONOPT_CACHE_DIR": str(tmp_path)})
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-2000:]
+    deadline = time.monotonic() + 240
+    while not list(tmp_path.rglob("lion_cpu_dispatch.so")) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert list(tmp_path.rglob("lion_cpu_dispatch.so")), list(tmp_path.rglob("*"))
+    code = """
+        from lionopt.kernels import cpu_dispatch
+        assert cpu_dispatch.wait(60) and not cpu_dispatch.build_info()["compiled"]
+        print("OK")
+    """
+    result = _run_python(code, {"LIONOPT_CACHE_DIR": str(tmp_path)})
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-2000:]
 
 

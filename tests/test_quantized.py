@@ -141,7 +141,7 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
     def broken(*args):
         raise RuntimeError("no compiler")
 
-    monkeypatch.setattr(_build, "load_library", broken)
+    monkeypatch.setattr(_build, "Build", broken)
     monkeypatch.setattr(fused_quant_cpu, "_library", fused_quant_cpu._library.fresh())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

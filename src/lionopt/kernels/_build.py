@@ -4,7 +4,10 @@ Same recipe as ``fused_cpu``: ``$CXX`` (default ``c++``) with ``-O3 -ffp-contrac
 -fno-trapping-math`` (plus ``-mavx2 -mfma`` where the CPU has them) and ``-fopenmp`` when it links, into
 ``$LIONOPT_CACHE_DIR`` or ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``),
 under a folder named by a hash of the source, flags and compiler. The build writes a temporary
-file and renames it, so concurrent processes never load a half-written library.
+file and renames it, so concurrent processes never load a half-written library. A library can
+also build in the background (``LazyLibrary(background=True)``): the compiler starts at once
+and a daemon thread waits for it; the shell that runs the compiler also does the rename, so the
+build lands in the cache even when the process that started it has exited.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -95,34 +99,55 @@ class LazyLibrary:
         return self.available()
 
     def _start_background(self) -> None:
+        """Start the compiler now (a few ms), and wait for it in a daemon thread."""
         with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._background_load, name=f"lionopt-build-{self._config['name']}"
-                )
-                self._thread.daemon = True
-                self._thread.start()
+            if self._thread is not None or self.state is not None:
+                return
+            started = time.perf_counter()
+            try:
+                build = self._build()
+            except Exception as exc:  # e.g. no headers: known before anything runs
+                self._failure, self.state = str(exc), False
+                return
+            self._thread = threading.Thread(
+                target=self._finish_in_background,
+                args=(build, started),
+                name=f"lionopt-build-{self._config['name']}",
+                daemon=True,
+            )
+            self._thread.start()
 
-    def _background_load(self) -> None:
-        loaded = self._load(warn=False)
+    def _finish_in_background(self, build: Build, started: float) -> None:
+        loaded = self._finish(build, started, warn=False)
         with self._lock:
             self.state = loaded
 
-    def _load(self, warn: bool = True) -> bool:
+    def _build(self) -> Build:
         config = self._config
+        options = config["build"]() if config["build"] is not None else BuildOptions()
+        return Build(config["source"], config["name"], options)
+
+    def _load(self) -> bool:
+        started = time.perf_counter()
         try:
-            start = time.perf_counter()
-            options = config["build"]() if config["build"] is not None else BuildOptions()
-            lib, info = load_library(config["source"], config["name"], options)
-            config["check"](lib, info)
-            config["declare"](lib)
+            build = self._build()
+        except Exception as exc:
+            self._warn(str(exc))
+            return False
+        return self._finish(build, started, warn=True)
+
+    def _finish(self, build: Build, started: float, warn: bool) -> bool:
+        try:
+            lib, info = build.finish()
+            self._config["check"](lib, info)
+            self._config["declare"](lib)
         except Exception as exc:
             if warn:
                 self._warn(str(exc))
             else:  # a background thread: warn from the caller's thread, at its next call
                 self._failure = str(exc)
             return False
-        self.info.update(info, seconds=time.perf_counter() - start)
+        self.info.update(info, seconds=time.perf_counter() - started)
         self.lib = lib
         return True
 
@@ -157,27 +182,81 @@ def load_library(
 
     Raises RuntimeError (or OSError) when it cannot be built or loaded.
     """
-    options = options or BuildOptions()
-    compiler = os.environ.get("CXX") or shutil.which("c++") or "g++"
-    flags = [*_compile_flags(), *options.compile_flags]
-    digest = hashlib.sha256(
-        b"\0".join(
-            [
-                source.read_bytes(),
-                *(path.read_bytes() for path in options.includes),
-                " ".join([*flags, *options.link_flags]).encode(),
-                options.salt.encode(),
-                compiler.encode(),
-                sys.platform.encode(),
-            ]
+    return Build(source, name, options).finish()
+
+
+class Build:
+    """One library's build: the compiler starts at once, ``finish()`` waits and loads.
+
+    The compiler runs in a shell that also moves the result into the cache, so a build that
+    outlives its interpreter (a background build in a short process) still lands there for the
+    next process. Its output goes to a file, not a pipe, for the same reason.
+    """
+
+    def __init__(self, source: Path, name: str, options: BuildOptions | None = None) -> None:
+        self.options = options = options or BuildOptions()
+        compiler = os.environ.get("CXX") or shutil.which("c++") or "g++"
+        flags = [*_compile_flags(), *options.compile_flags]
+        digest = hashlib.sha256(
+            b"\0".join(
+                [
+                    source.read_bytes(),
+                    *(path.read_bytes() for path in options.includes),
+                    " ".join([*flags, *options.link_flags]).encode(),
+                    options.salt.encode(),
+                    compiler.encode(),
+                    sys.platform.encode(),
+                ]
+            )
+        ).hexdigest()[:16]
+        self.target = _cache_root() / name / digest / f"{source.stem}.so"
+        self.info = {"path": str(self.target), "compiler": compiler, "flags": flags}
+        self.info["compiled"] = not self.target.exists()
+        self.process: subprocess.Popen | None = None
+        if self.info["compiled"]:
+            self._start(source, compiler, flags)
+
+    def _start(self, source: Path, compiler: str, flags: list[str]) -> None:
+        """Compiles beside the target (or in a temporary folder if the cache is read-only)."""
+        try:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            self.target = Path(tempfile.mkdtemp(prefix="lionopt-")) / self.target.name
+            self.info["path"] = str(self.target)
+        tmp = self.target.with_name(
+            f"{self.target.stem}.{os.getpid()}.{threading.get_ident()}.tmp.so"
         )
-    ).hexdigest()[:16]
-    target = _cache_root() / name / digest / f"{source.stem}.so"
-    info = {"path": str(target), "compiler": compiler, "flags": flags, "compiled": False}
-    if not target.exists():
-        target = _build(source, compiler, flags, list(options.link_flags), target)
-        info.update(path=str(target), compiled=True)
-    return options.dll_type(str(target)), info
+        link = list(self.options.link_flags)
+        # Without OpenMP it still builds, single-threaded.
+        commands = [
+            [compiler, *flags, *openmp, str(source), "-o", str(tmp), *link]
+            for openmp in (["-fopenmp"], [])
+        ]
+        move = f"mv -f {shlex.quote(str(tmp))} {shlex.quote(str(self.target))}"
+        script = " || ".join(f"({shlex.join(command)} && {move})" for command in commands)
+        shell = shutil.which("sh")
+        if shell is None:
+            raise RuntimeError("no POSIX shell (sh) to run the compiler")
+        self._log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed by finish())
+        self.compiler = compiler
+        self.process = subprocess.Popen(
+            [shell, "-c", script], stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log
+        )
+
+    def finish(self, timeout: float = 300) -> tuple[ctypes.CDLL, dict]:
+        """Wait for the compiler (if it runs) and load the library."""
+        if self.process is not None:
+            try:
+                code = self.process.wait(timeout)
+            except subprocess.TimeoutExpired as exc:
+                self.process.kill()
+                raise RuntimeError(f"{self.compiler} took more than {timeout} s") from exc
+            self._log.seek(0)
+            output = self._log.read().strip()
+            self._log.close()
+            if code != 0 or not self.target.exists():
+                raise RuntimeError(f"{self.compiler} failed: {output[-400:]}")
+        return self.options.dll_type(str(self.target)), dict(self.info)
 
 
 def _compile_flags() -> list[str]:
@@ -206,26 +285,3 @@ def _cpu_flags() -> set[str]:
 def _cache_root() -> Path:
     root = os.environ.get("LIONOPT_CACHE_DIR") or os.environ.get("TORCH_EXTENSIONS_DIR")
     return Path(root) if root else Path.home() / ".cache" / "torch_extensions"
-
-
-def _build(
-    source: Path, compiler: str, flags: list[str], link_flags: list[str], target: Path
-) -> Path:
-    """Compiles beside ``target`` (or in a temporary folder if the cache is read-only)."""
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        target = Path(tempfile.mkdtemp(prefix="lionopt-")) / target.name
-    tmp = target.with_name(f"{target.stem}.{os.getpid()}.{threading.get_ident()}.tmp.so")
-    errors = []
-    for openmp in (["-fopenmp"], []):  # without OpenMP it still builds, single-threaded
-        command = [compiler, *flags, *openmp, str(source), "-o", str(tmp), *link_flags]
-        try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise RuntimeError(f"cannot run {compiler!r}: {exc}") from exc
-        if result.returncode == 0:
-            os.replace(tmp, target)
-            return target
-        errors.append(result.stderr.strip()[-400:])
-    raise RuntimeError(f"{compiler} failed: {errors[-1] or errors[0]}")
