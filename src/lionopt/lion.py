@@ -214,20 +214,14 @@ class Lion(Optimizer):
                 self._remember_layout(group)
             if not params:
                 continue
-            beta1, beta2 = group["betas"]
             lion(
                 params,
                 grads,
                 exp_avgs,
                 lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                weight_decay=_weight_decay(group),
-                maximize=group["maximize"],
+                **_update_rule(group),
                 foreach=group["foreach"],
                 fused=group["fused"],
-                cautious=group["cautious"],
-                cautious_weight_decay=group["cautious_weight_decay"],
                 exp_avg_scales=self._exp_avg_scales(group, params),
                 rounding_keys=self._rounding_keys(group, params),
             )
@@ -260,16 +254,7 @@ class Lion(Optimizer):
         layout = self._layouts.get(id(group))
         if layout is None or not layout.fits(group, self.state):
             return False
-        beta1, beta2 = group["betas"]
-        hyper = LionHyper(
-            lr=_as_float(group["lr"]),
-            beta1=beta1,
-            beta2=beta2,
-            weight_decay=_weight_decay(group),
-            maximize=group["maximize"],
-            cautious=group["cautious"],
-            cautious_weight_decay=group["cautious_weight_decay"],
-        )
+        hyper = LionHyper(lr=_as_float(group["lr"]), **_update_rule(group))
         status = cpu_dispatch.group_step(
             group["params"], layout.params, layout.states, group["momentum_dtype"], hyper
         )
@@ -391,12 +376,23 @@ class _GroupLayout:
         return len(params) == len(self.params) and all(map(operator.is_, params, self.params))
 
 
-def _weight_decay(group: dict[str, Any]) -> float:
-    """The group's λ as the step applies it (÷ max_lr with ``decouple_lr``)."""
+def _update_rule(group: dict[str, Any]) -> dict[str, Any]:
+    """The group's step options other than lr, as ``lion()`` and ``LionHyper`` take them.
+
+    The weight decay is λ as the step applies it (÷ max_lr with ``decouple_lr``).
+    """
+    beta1, beta2 = group["betas"]
     weight_decay = group["weight_decay"]
     if group["decouple_lr"] and weight_decay != 0:
         weight_decay = weight_decay / group["max_lr"]
-    return weight_decay
+    return dict(
+        beta1=beta1,
+        beta2=beta2,
+        weight_decay=weight_decay,
+        maximize=group["maximize"],
+        cautious=group["cautious"],
+        cautious_weight_decay=group["cautious_weight_decay"],
+    )
 
 
 def _check_momentum_shapes(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:

@@ -187,7 +187,6 @@ def _roofline(params: list[Tensor], device: str) -> tuple[Step, str, int]:
             moms = [torch.zeros_like(p) for p in params]
             if fused_cpu.supports(thetas, grads, moms, _stream_hyper()):
                 stream = fused_cpu.streamer(thetas, grads, moms)
-                stream.tensors = (thetas, grads, moms)
                 method = (
                     "C++ stream kernel: read 3 arrays, write 2, same tensors and threads, "
                     "pointer table built once"

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["BuildOptions", "LazyLibrary", "load_library"]
+__all__ = ["Build", "BuildOptions", "LazyLibrary"]
 
 
 class LazyLibrary:
@@ -173,16 +173,6 @@ class BuildOptions:
     dll_type: type = ctypes.CDLL
     #: Other sources the build includes, hashed with it.
     includes: tuple[Path, ...] = ()
-
-
-def load_library(
-    source: Path, name: str, options: BuildOptions | None = None
-) -> tuple[ctypes.CDLL, dict]:
-    """The library built from ``source`` (building it if needed), and how it was obtained.
-
-    Raises RuntimeError (or OSError) when it cannot be built or loaded.
-    """
-    return Build(source, name, options).finish()
 
 
 class Build:

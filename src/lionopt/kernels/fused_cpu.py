@@ -259,7 +259,7 @@ def streamer(
     """``stream_step`` with its pointer table built once: each call is one kernel call.
 
     The benchmark's roofline, so that it measures memory traffic and no Python work. The
-    tensors must stay alive and in place while the returned function is used.
+    returned function holds the tensors, so their memory stays valid while it is used.
     """
     if not params:
         return lambda: None
@@ -275,7 +275,7 @@ def streamer(
         if stream(*args, torch.get_num_threads()) != 0:
             raise TypeError(f"lionopt: no stream kernel for element size {element_size}")
 
-    run.keepalive = (pointers, numels)  # the buffers the arguments point into
+    run.keepalive = (pointers, numels, params, grads, exp_avgs)  # what the arguments point into
     return run
 
 
