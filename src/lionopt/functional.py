@@ -94,6 +94,8 @@ def lion(
         return
     if compiling and exp_avg_scales is None:
         # Inductor fuses the foreach ops itself; the compiled kernels are opaque to it.
+        if isinstance(lr, float) and foreach is not False:
+            hyper = replace(hyper, lr=_traced_lr(lr))
         impl = single_tensor_lion if foreach is False else multi_tensor_lion
         impl(params, grads, exp_avgs, hyper)
         return
@@ -140,6 +142,18 @@ def lion(
             single_tensor_lion(*group, group_hyper)
         else:
             multi_tensor_lion(*group, group_hyper)
+
+
+def _traced_lr(lr: float) -> Tensor:
+    """A float lr as a 0-dim float64 tensor, so that ``torch.compile`` need not recompile per lr.
+
+    Dynamo turns a float that changed between calls into a graph input, but only if every use
+    is an op it can rewrite to take a tensor (``aten.mul`` with a scalar is one, the foreach
+    ops' scalar arguments are not). Multiplying a constant tensor by the float is such a use:
+    after one recompile the lr is an input, as for torch's AdamW. The math is that of a Python
+    float (float64), so the result is bitwise the eager one.
+    """
+    return torch.ones((), dtype=torch.float64) * lr
 
 
 def _is_scalar_lr(lr: object) -> bool:
