@@ -29,12 +29,12 @@ from torch import Tensor
 
 from lionopt.kernels import registry
 from lionopt.kernels.foreach import multi_tensor
-from lionopt.kernels.group import TensorGroup
+from lionopt.kernels.group import LOCAL_STATS, LocalStats, TensorGroup
 from lionopt.kernels.hyper import LionHyper
 from lionopt.kernels.reference import single_tensor
 from lionopt.state.formats import INT8_KIND, PLAIN_KIND
 
-__all__ = ["group_tensors", "lion", "resolve_impl"]
+__all__ = ["group_tensors", "lion", "resolve_impl", "stats_for"]
 
 SINGLE, MULTI, FUSED = "single", "multi", "fused"
 
@@ -159,7 +159,8 @@ def group_tensors(
         and _uniform(params, "device")
         and all(_uniform(tensors, "dtype") for tensors in (params, grads, exp_avgs))
     ):
-        return [TensorGroup(params, grads, exp_avgs, PLAIN_KIND, None, list(range(len(params))))]
+        indices = list(range(len(params)))
+        return [TensorGroup(params, grads, exp_avgs, PLAIN_KIND, None, indices, stats_for(params))]
     groups: dict[tuple, TensorGroup] = {}
     for i, (p, g, m) in enumerate(zip(params, grads, exp_avgs)):
         scale = None if exp_avg_scales is None else exp_avg_scales[i]
@@ -170,7 +171,7 @@ def group_tensors(
         group = groups.get(key)
         if group is None:
             group = groups[key] = TensorGroup(
-                [], [], [], kind, None if scale is None else [], indices=[]
+                [], [], [], kind, None if scale is None else [], [], stats_for((p,))
             )
         group.params.append(p)
         group.grads.append(g)
@@ -179,6 +180,16 @@ def group_tensors(
         if scale is not None:
             group.scales.append(scale)
     return list(groups.values())
+
+
+def stats_for(params: Sequence[Tensor]) -> LocalStats:
+    """The statistics object for these parameters: where whole-tensor figures are computed.
+
+    ``LocalStats`` (each tensor is whole in this process). ``group_tensors`` gives it to every
+    group, and Tiger and the diagnostics ask for it, so a sharded setup changes this one
+    function to return an implementation that reduces over the mesh.
+    """
+    return LOCAL_STATS
 
 
 def _uniform(tensors: list[Tensor], attribute: str) -> bool:

@@ -55,6 +55,8 @@ def test_an_old_checkpoint_loads_and_the_next_step_is_unchanged(name: str) -> No
         assert torch.equal(p.detach(), expected)
     saved = optimizer.state_dict()
     expected_dict = case["state_dict_after"]
-    assert saved["param_groups"] == expected_dict["param_groups"]
+    for group, expected_group in zip(saved["param_groups"], expected_dict["param_groups"]):
+        # Keys added since are back-filled with their defaults; the old ones are unchanged.
+        assert {k: group[k] for k in expected_group} == expected_group
     for key, state in expected_dict["state"].items():
         _assert_state_equal(saved["state"][key], state)
