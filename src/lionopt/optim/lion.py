@@ -29,11 +29,9 @@ from lionopt.optim.base import (
     real_number,
     update_rule,
 )
-from lionopt.state.formats import PLAIN_KIND, resolve_format
+from lionopt.state.formats import resolve_format
 
 __all__ = ["Lion", "ParamsT", "SparseGradientError"]
-
-_PLAIN_FAST = (None, torch.float32, torch.bfloat16)
 
 
 class Lion(LionFamily):
@@ -156,23 +154,22 @@ class Lion(LionFamily):
     def _step_group(self, group: dict[str, Any], params: list[Tensor] | None = None) -> None:
         """One step of ``group`` (or only of ``params``).
 
-        A whole-group step on CPU with a plain momentum first tries the C++ group step
+        A whole-group step on CPU (plain or 8-bit momentum) first tries the C++ group step
         (``kernels.cpu.dispatch.GroupStepCache``): one call, no Python work per tensor.
         """
         fmt = resolve_format(group["momentum_dtype"])
         fast = None
         if params is None:
-            plain = fmt.kind == PLAIN_KIND and group["momentum_dtype"] in _PLAIN_FAST
             fast = self._cache.ready(
                 group["params"],
                 self.state,
-                plain=plain,
+                fmt=fmt,
                 rounding=group["stochastic_rounding"],
                 foreach=group["foreach"],
                 fused=group["fused"],
             )
             if fast and self._cache.try_step(
-                group, group["params"], self.state, fmt.plain_dtype(), lion_hyper(group)
+                group, group["params"], self.state, fmt, lion_hyper(group)
             ):
                 return
         stepped: list[Tensor] = []
