@@ -212,7 +212,7 @@ class DistributedLion(Optimizer):
         else:
             active = has_grad
 
-        for i, p in enumerate(params):  # a zero gradient here, a gradient elsewhere
+        for i in range(len(params)):  # a zero gradient here, a gradient elsewhere
             if active[i] and grads[i] is None:
                 beta2 = hypers[i][1][1]
                 exp_avgs[i].mul_(beta2).add_(0.0)
@@ -383,7 +383,7 @@ class DistributedLion(Optimizer):
                 self.state[p]["exp_avg"] = torch.zeros_like(p)
         sd = super().state_dict()
         mesh = self._mesh()
-        for index, entry in sd["state"].items():
+        for entry in sd["state"].values():
             local = entry["exp_avg"]
             if saved_world_size is None or saved_world_size == self.ranks:
                 entry["exp_avg"] = DTensor.from_local(
