@@ -432,3 +432,37 @@ def test_int8_refuses_more_than_127_ranks(monkeypatch):
         DistributedLion(p, vote="average")
     assert DistributedLion(p, transport="auto").transport_name == "packed"
     assert DistributedLion(p, transport="packed").transport_name == "packed"
+
+
+@pytest.mark.parametrize("vote", ["majority", "average"])
+@pytest.mark.parametrize("workers", [1, 3, 4])
+def test_simulate_matches_the_reference(vote, workers):
+    from lionopt.distributed.simulate import SimulatedDistributedLion
+
+    dtype = torch.float64
+    grads = make_grads(dtype)
+    want, momenta = simulate(initial_params(dtype), grads, workers, STEPS, LRS, BETAS, WDS, vote)
+    params = [p.requires_grad_() for p in initial_params(dtype)]
+    opt = SimulatedDistributedLion(
+        [
+            {"params": [params[i] for i in (0, 1, 3, 4)]},
+            {"params": [params[2]], "lr": LRS[2], "weight_decay": WDS[2]},
+        ],
+        lr=LRS[0],
+        betas=BETAS,
+        weight_decay=WDS[0],
+        workers=workers,
+        vote=vote,
+    )
+    for step in range(STEPS):
+
+        def closure(worker, step=step):
+            for p, g in zip(params, grads(step, worker)):
+                p.grad = None if g is None else g.clone()
+            return 0.0
+
+        opt.step(closure)
+    for j, p in enumerate(params):
+        assert same(p.detach(), want[j])
+        for w in range(workers):
+            assert same(opt.state[p]["exp_avg"][w], momenta[w][j])
