@@ -398,6 +398,33 @@ def test_fused_passes_equal_the_torch_passes():
                 assert all(same(x, y) for x, y in zip(p1, p2)), (fmt, vote)
 
 
+def test_fused_vote_helpers_equal_the_torch_codecs():
+    from lionopt.kernels import signpack_cpu
+
+    if not signpack_cpu.available():
+        pytest.skip("no C++ compiler")
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 3, (4096,), generator=gen).to(torch.uint8)
+    want = voting.pack((codes == 2).to(torch.uint8), 1)
+    assert torch.equal(signpack_cpu.repack_2to1(voting.pack(codes, 2)), want)
+    for fmt in (voting.SIGN1, voting.SIGN2):
+        codes = torch.randint(0, 1 << fmt.width, (5, 512), generator=gen).to(torch.uint8)
+        rows = torch.stack([voting.pack(c.clamp(max=2), fmt.width) for c in codes])
+        counts = voting.count_votes(rows, fmt)
+        assert torch.equal(signpack_cpu.count_votes(rows, fmt.width, False).int(), counts)
+        assert torch.equal(signpack_cpu.count_votes(rows, fmt.width, True).int(), counts.sign())
+    for vote in ("majority", "average"):
+        for ranks in (2, 3, 4, 8):
+            for zeros in (True, False):
+                fmt = voting.result_format(vote, ranks, zeros)
+                if fmt.width == 8:
+                    continue
+                s = torch.randint(0, 3 if zeros else 2, (ranks, 256), generator=gen)
+                counts = (s - 1 if zeros else 2 * s - 1).sum(0)
+                got = signpack_cpu.encode_result(counts.to(torch.int8), vote, fmt)
+                assert torch.equal(got, voting.encode_result(counts.int(), vote, fmt))
+
+
 def test_bad_input():
     p = [torch.zeros(3, requires_grad=True)]
     with pytest.raises(ValueError, match="Invalid vote"):

@@ -148,6 +148,7 @@ class DistributedLion(Optimizer):
         self._transport = make_transport(
             self.transport_name, process_group, self.ranks, vote, timeout, self.traffic
         )
+        self._transport.use_kernels = fused is not False
         self._checked: tuple | None = None
         self._buckets: list[_Bucket] | None = None
         self._layout_key: tuple | None = None

@@ -94,6 +94,8 @@ class _Transport:
     def __init__(self, group, ranks: int, vote: str, timeout: timedelta | None, traffic: Traffic):
         self.group, self.ranks, self.vote = group, ranks, vote
         self.timeout, self.traffic = timeout, traffic
+        #: False: torch ops only (``DistributedLion(fused=False)``); else C++ helpers on CPU.
+        self.use_kernels = True
 
     def _wait(self, work) -> None:
         if self.timeout is None:
@@ -105,7 +107,21 @@ class _Transport:
         """This rank's 2-bit codes, repacked to 1 bit where no rank has a zero in the bucket."""
         if zeros:
             return local, SIGN2
+        kernel = self._kernel(local)
+        if kernel is not None:
+            return kernel.repack_2to1(local), SIGN1
         return pack((unpack(local, 2) == 2).to(torch.uint8), 1), SIGN1
+
+    def _count(self, rows: Tensor, fmt: ResultFormat, sign_only: bool) -> Tensor:
+        """int8 S (or sign(S)) of packed sign rows; exact: |S| <= 127 unless ``sign_only``."""
+        kernel = self._kernel(rows)
+        if kernel is not None:
+            return kernel.count_votes(rows, fmt.width, sign_only)
+        counts = count_votes(rows, fmt)
+        return (torch.sign(counts) if sign_only else counts).to(torch.int8)
+
+    def _kernel(self, tensor: Tensor):
+        return _cpu_kernel(tensor) if self.use_kernels else None
 
     def exchange(self, local: Tensor, zeros: bool) -> tuple[Tensor, ResultFormat]:
         raise NotImplementedError
@@ -127,10 +143,9 @@ class AllGatherTransport(_Transport):
         gathered = payload.new_empty(self.ranks * payload.numel())
         self.traffic.add("all_gather", payload)
         self._wait(dist.all_gather_single(gathered, payload, group=self.group, async_op=True))
-        counts = count_votes(gathered.view(self.ranks, -1), fmt)
-        if self.ranks > INT8_MAX_RANKS:  # only the majority vote gets here: keep sign(S)
-            counts = torch.sign(counts)
-        return counts.to(torch.int8).view(torch.uint8), RAW8
+        # Beyond 127 ranks only the majority vote gets here: sign(S) is all it needs.
+        counts = self._count(gathered.view(self.ranks, -1), fmt, self.ranks > INT8_MAX_RANKS)
+        return counts.view(torch.uint8), RAW8
 
 
 class PackedTransport(_Transport):
@@ -139,13 +154,28 @@ class PackedTransport(_Transport):
         received = torch.empty_like(payload)
         self.traffic.add("all_to_all", payload)
         self._wait(dist.all_to_all_single(received, payload, group=self.group, async_op=True))
-        counts = count_votes(received.view(self.ranks, -1), fmt)
+        counts = self._count(received.view(self.ranks, -1), fmt, self.vote == "majority")
         out_fmt = result_format(self.vote, self.ranks, zeros)
-        mine = encode_result(counts, self.vote, out_fmt)
+        kernel = self._kernel(counts)
+        if out_fmt.width == 8:
+            mine = counts.view(torch.uint8)
+        elif kernel is not None:
+            mine = kernel.encode_result(counts, self.vote, out_fmt)
+        else:
+            mine = encode_result(counts.to(torch.int32), self.vote, out_fmt)
         gathered = mine.new_empty(self.ranks * mine.numel())
         self.traffic.add("all_gather", mine)
         self._wait(dist.all_gather_single(gathered, mine, group=self.group, async_op=True))
         return gathered, out_fmt
+
+
+def _cpu_kernel(tensor: Tensor):
+    """The C++ sign-pack helpers for a CPU tensor, where they build; else None (torch ops)."""
+    if not tensor.is_cpu:
+        return None
+    from lionopt.kernels import signpack_cpu
+
+    return signpack_cpu if signpack_cpu.available() else None
 
 
 def make_transport(name: str, group, ranks: int, vote: str, timeout, traffic: Traffic):

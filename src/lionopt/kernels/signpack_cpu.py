@@ -18,10 +18,19 @@ from torch import Tensor
 
 from lionopt.kernels._build import LazyLibrary
 
-__all__ = ["SOURCE", "apply_pass", "available", "sign_pass", "supports"]
+__all__ = [
+    "SOURCE",
+    "apply_pass",
+    "available",
+    "count_votes",
+    "encode_result",
+    "repack_2to1",
+    "sign_pass",
+    "supports",
+]
 
 SOURCE = Path(__file__).with_name("csrc") / "lion_signpack.cpp"
-_ABI_VERSION = 1
+_ABI_VERSION = 2
 _DTYPES = {torch.float32: 0, torch.float64: 1}
 
 
@@ -125,6 +134,45 @@ def apply_pass(
     torch.autograd.graph.increment_version(params)
 
 
+def repack_2to1(packed: Tensor) -> Tensor:
+    """2-bit sign codes as 1-bit codes (s > 0): ``voting.pack(voting.unpack(x, 2) == 2, 1)``."""
+    out = torch.empty(packed.numel() // 2, dtype=torch.uint8)
+    _library.lib.dlion_repack_2to1(packed.data_ptr(), out.data_ptr(), out.numel(), _threads())
+    return out
+
+
+def count_votes(rows: Tensor, width: int, sign_only: bool) -> Tensor:
+    """int8 S = Σ_r s_r (or sign(S)) from ``(ranks, bytes)`` packed sign codes of ``width``."""
+    rows = rows.contiguous()
+    ranks, row_bytes = rows.shape
+    elements = row_bytes * 8 // width
+    out = torch.empty(elements, dtype=torch.int8)
+    _library.lib.dlion_count_votes(
+        rows.data_ptr(), ranks, elements, width, int(sign_only), out.data_ptr(), _threads()
+    )
+    return out
+
+
+def encode_result(counts: Tensor, vote: str, fmt) -> Tensor:
+    """``voting.encode_result`` for int8 counts and a width below 8."""
+    out = torch.empty(counts.numel() * fmt.width // 8, dtype=torch.uint8)
+    _library.lib.dlion_encode_result(
+        counts.data_ptr(),
+        counts.numel(),
+        int(vote == "majority"),
+        fmt.width,
+        fmt.mul,
+        fmt.add,
+        out.data_ptr(),
+        _threads(),
+    )
+    return out
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
 def _check(lib: ctypes.CDLL, info: dict) -> None:
     version = lib.dlion_abi_version()
     if version != _ABI_VERSION:
@@ -138,6 +186,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.dlion_sign_pass.argtypes = [i32, i64, p, p, p, p, f64, f64, f64, f64, i32, p, i64, i32]
     lib.dlion_apply_pass.restype = i32
     lib.dlion_apply_pass.argtypes = [i32, i64, p, p, p, p, p, p, i32, i32, i32, i32, i32, i32]
+    lib.dlion_repack_2to1.restype = None
+    lib.dlion_repack_2to1.argtypes = [p, p, i64, i32]
+    lib.dlion_count_votes.restype = None
+    lib.dlion_count_votes.argtypes = [p, i32, i64, i32, i32, p, i32]
+    lib.dlion_encode_result.restype = None
+    lib.dlion_encode_result.argtypes = [p, i64, i32, i32, i32, i32, p, i32]
 
 
 _library = LazyLibrary(

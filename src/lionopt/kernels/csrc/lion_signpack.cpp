@@ -133,11 +133,79 @@ void apply_pass(int64_t count, void* const* params, const int64_t* numels, const
   }
 }
 
+// 2-bit sign codes -> 1-bit codes (s > 0), for buckets where no rank has a zero.
+void repack_2to1(const uint8_t* in, uint8_t* out, int64_t out_bytes, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t j = 0; j < out_bytes; ++j) {
+    const uint8_t a = in[2 * j], b = in[2 * j + 1];
+    uint8_t byte = 0;
+    for (int k = 0; k < 4; ++k) byte |= uint8_t((((a >> (2 * k)) & 3) == 2) << k);
+    for (int k = 0; k < 4; ++k) byte |= uint8_t((((b >> (2 * k)) & 3) == 2) << (k + 4));
+    out[j] = byte;
+  }
+}
+
+// S = Σ_r s_r for `elements` elements from `ranks` rows of packed sign codes (width 1 or 2);
+// stored as int8 (sign(S) when `sign_only`).
+void count_votes(const uint8_t* rows, int ranks, int64_t elements, int width, int sign_only,
+                 int8_t* out, int threads) {
+  const int64_t row_bytes = elements * width / 8;
+  const int64_t chunk = 4096;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t start = 0; start < elements; start += chunk) {
+    const int64_t stop = std::min(elements, start + chunk);
+    int32_t acc[4096];
+    for (int64_t i = start; i < stop; ++i) acc[i - start] = 0;
+    for (int r = 0; r < ranks; ++r) {
+      const uint8_t* row = rows + r * row_bytes;
+      for (int64_t i = start; i < stop; ++i) {
+        const int64_t bit = i * width;
+        acc[i - start] += (row[bit >> 3] >> (bit & 7)) & ((1 << width) - 1);
+      }
+    }
+    for (int64_t i = start; i < stop; ++i) {
+      // width 1: S = 2·ones − N; width 2: S = Σ codes − N
+      const int32_t total = (width == 1 ? 2 * acc[i - start] : acc[i - start]) - ranks;
+      out[i] = int8_t(sign_only ? (total > 0) - (total < 0) : total);
+    }
+  }
+}
+
+// Packed codes q = (v − add) / mul of width bits (v = sign(S) for the majority vote).
+void encode_result(const int8_t* counts, int64_t elements, int majority, int width, int mul,
+                   int add, uint8_t* out, int threads) {
+  const int per_byte = 8 / width;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t j = 0; j < elements / per_byte; ++j) {
+    uint8_t byte = 0;
+    for (int k = 0; k < per_byte; ++k) {
+      const int s = counts[j * per_byte + k];
+      const int v = majority ? (s > 0) - (s < 0) : s;
+      byte |= uint8_t(((v - add) / mul) << (k * width));
+    }
+    out[j] = byte;
+  }
+}
+
 }  // namespace
 
 extern "C" {
 
-int dlion_abi_version() { return 1; }
+int dlion_abi_version() { return 2; }
+
+void dlion_repack_2to1(const uint8_t* in, uint8_t* out, int64_t out_bytes, int threads) {
+  repack_2to1(in, out, out_bytes, threads);
+}
+
+void dlion_count_votes(const uint8_t* rows, int ranks, int64_t elements, int width,
+                       int sign_only, int8_t* out, int threads) {
+  count_votes(rows, ranks, elements, width, sign_only, out, threads);
+}
+
+void dlion_encode_result(const int8_t* counts, int64_t elements, int majority, int width,
+                         int mul, int add, uint8_t* out, int threads) {
+  encode_result(counts, elements, majority, width, mul, add, out, threads);
+}
 
 int64_t dlion_sign_pass(int dtype, int64_t count, void* const* grads, void* const* moms,
                         const int64_t* numels, const int64_t* offsets, double beta1,
