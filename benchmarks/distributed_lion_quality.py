@@ -1,7 +1,7 @@
 """What Distributed Lion's vote costs in training quality, without a cluster.
 
 Runs global Lion, MaVo (majority vote), Avg (averaged votes) and AdamW with N virtual workers
-(``lionopt.distributed.simulate``) at equal tokens on the embedded tasks: each step every
+(``lionopt.distributed.simulate``, run by ``lionopt.tasks.workers``) at equal tokens on the embedded tasks: each step every
 method sees the same global batch of N × b examples (the voting methods as N per-worker batches
 of b, the global ones whole), from the same initial weights, with the same lr schedule and
 ``lionopt compare``'s hyperparameters (Lion's translated from the task's AdamW ones).
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from lionopt.distributed.simulate import METHODS, train_workers
 from lionopt.tasks import get_task
 from lionopt.tasks.protocol import make_plan, mean_std
+from lionopt.tasks.workers import METHODS, train_workers
 
 #: Per-worker batch for each task: at N = 4 the global batch is the task's default.
 PER_WORKER_BATCH = {"digits": 32, "charlm": 8}

@@ -355,7 +355,7 @@ def test_count_votes(width):
 
 
 def test_fused_passes_equal_the_torch_passes():
-    from lionopt.kernels import signpack_cpu
+    from lionopt.kernels.cpu import signpack as signpack_cpu
 
     if not signpack_cpu.available():
         pytest.skip("no C++ compiler")
@@ -399,7 +399,7 @@ def test_fused_passes_equal_the_torch_passes():
 
 
 def test_fused_vote_helpers_equal_the_torch_codecs():
-    from lionopt.kernels import signpack_cpu
+    from lionopt.kernels.cpu import signpack as signpack_cpu
 
     if not signpack_cpu.available():
         pytest.skip("no C++ compiler")

@@ -25,9 +25,9 @@ def select(params: list[Tensor], grads: list[Tensor | None], exp_avgs: list[Tens
         return None
     device = params[0].device.type
     if device == "cpu":
-        from lionopt.kernels import signpack_cpu as kernel
+        from lionopt.kernels.cpu import signpack as kernel
     elif device == "cuda":
-        from lionopt.kernels import triton_signpack as kernel
+        from lionopt.kernels.triton import signpack as kernel
     else:
         return None
     if not kernel.supports(params, grads, exp_avgs) or not kernel.available():

@@ -126,7 +126,8 @@ class DistributedLion(Optimizer):
             if process_group is not None:
                 raise ValueError("process_group given but torch.distributed is not initialised")
             self.ranks, self.rank, backend = 1, 0, "none"
-        if transport == "int8" and self.ranks > INT8_MAX_RANKS:
+        # (a transport name, not a momentum storage format)
+        if transport in ("int8",) and self.ranks > INT8_MAX_RANKS:
             raise ValueError(
                 f"transport='int8' is exact up to {INT8_MAX_RANKS} ranks, got {self.ranks}; "
                 "use 'packed'"

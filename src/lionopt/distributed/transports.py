@@ -173,7 +173,7 @@ def _cpu_kernel(tensor: Tensor):
     """The C++ sign-pack helpers for a CPU tensor, where they build; else None (torch ops)."""
     if not tensor.is_cpu:
         return None
-    from lionopt.kernels import signpack_cpu
+    from lionopt.kernels.cpu import signpack as signpack_cpu
 
     return signpack_cpu if signpack_cpu.available() else None
 

@@ -11,7 +11,7 @@ in the packed transport's second phase: a code ``q`` of ``width`` bits decodes t
 ``sign(S)``; the average vote needs ``S``.
 
 These are the torch reference implementations; the fused kernels write and read the same
-layouts (``lionopt.kernels.signpack_cpu`` and ``lionopt.kernels.triton_signpack``).
+layouts (``lionopt.kernels.cpu.signpack`` and ``lionopt.kernels.triton.signpack``).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
 // `width` bits means q·mul + add; width 8 is a signed int8 v) and applies
 // θ ← θ·(1−η·λ) − η·u with u = sign(v) (majority) or v/N (average).
 //
-// A plain C ABI (no torch headers); lionopt.kernels.signpack_cpu loads it with ctypes. Compile
+// A plain C ABI (no torch headers); lionopt.kernels.cpu.signpack loads it with ctypes. Compile
 // with -ffp-contract=off: the roundings are written out to match the torch passes
 // (lionopt.distributed.voting) bit for bit: two rounded products and a rounded add for c,
 // std::fma where ATen's add-with-alpha fuses. Every tensor starts at a multiple of 8 elements in

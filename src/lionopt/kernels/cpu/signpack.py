@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lionopt.kernels._build import LazyLibrary
+from lionopt.kernels.cpu._build import LazyLibrary
 
 __all__ = [
     "SOURCE",
