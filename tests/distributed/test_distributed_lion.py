@@ -21,8 +21,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from dlion_reference import simulate
+
 from lionopt import Lion
 from lionopt.distributed import DistributedLion, checkpoint_world_size, local_gradients, voting
 
