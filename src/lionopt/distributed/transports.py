@@ -98,10 +98,16 @@ class _Transport:
         self.use_kernels = True
 
     def _wait(self, work) -> None:
-        if self.timeout is None:
-            work.wait()
-        else:
-            work.wait(self.timeout)
+        try:
+            if self.timeout is None:
+                work.wait()
+            else:
+                work.wait(self.timeout)
+        except Exception as exc:
+            raise RuntimeError(
+                f"DistributedLion: a collective failed or timed out (timeout {self.timeout}); "
+                f"a rank may have died or skipped step(): {exc}"
+            ) from exc
 
     def _signs(self, local: Tensor, zeros: bool) -> tuple[Tensor, ResultFormat]:
         """This rank's 2-bit codes, repacked to 1 bit where no rank has a zero in the bucket."""
