@@ -24,6 +24,7 @@ LAYERS = {
     "hparams": 0,
     "memory": 0,
     "optim": 3,
+    "distributed": 3,
     "lion": 3,
     "variants": 3,
     "diagnostics": 4,
