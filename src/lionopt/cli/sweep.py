@@ -212,12 +212,13 @@ def task_verdict(task: Task, entry: dict) -> list[str]:
     return ["Batch-size ablation (best cell per batch size): " + "; ".join(parts) + "."]
 
 
-def write(report: dict, out: str | None, *, plots: bool) -> None:
+def write(report: dict, out: str | None, *, plots: bool) -> list[str]:
     if not out:
-        return
+        return []
     out_dir = Path(out)
     written = _report.sweep_heatmaps(report, out_dir) if plots else {}
     _report.write_outputs(out_dir, "sweep", report, _report.sweep_markdown(report, written))
+    return ["sweep.md", "sweep.json", *written.values()]
 
 
 def train_all(
@@ -308,6 +309,4 @@ def run(args: argparse.Namespace) -> int:
             has_runs = any(b["runs"] for b in entry["batch_sizes"])
             entry["status"] = "partial" if has_runs else "not run"
             entry["verdict"] = task_verdict(task, entry)
-    return finish(
-        report, args, started, write, _report.sweep_text, "sweep.md, sweep.json and heatmap PNGs"
-    )
+    return finish(report, args, started, write, _report.sweep_text)
