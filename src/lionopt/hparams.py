@@ -35,7 +35,6 @@ Rules of thumb (Chen et al. 2023, arXiv 2302.06675, and the analysis at kexue.fm
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -54,6 +53,7 @@ __all__ = [
     "decay_groups",
     "equilibrium_rms",
     "from_adamw",
+    "measure_adamw_update_rms",
     "param_groups",
 ]
 
@@ -314,25 +314,19 @@ def decay_groups(
     return [group for group in groups if group["params"]]
 
 
-def adamw_update_rms(
+def measure_adamw_update_rms(
     model: nn.Module,
-    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
-    batches: Iterable[Any],
+    step_fn: Callable[[nn.Module, torch.optim.Optimizer, int], Any],
     adamw_lr: float,
     adamw_wd: float = 0.0,
     steps: int = 100,
 ) -> float:
-    """RMS of AdamW's per-coordinate update m̂/(√v̂ + ε) over its first ``steps`` steps.
-
-    Trains a deep copy of ``model`` with ``torch.optim.AdamW(lr=adamw_lr,
-    weight_decay=adamw_wd)`` on the first ``steps`` batches of ``batches`` and pools the
-    squared update of every coordinate of every step. ``model``, its gradients and the global
-    RNG state are left as they were. Lion's step has RMS 1, so this is the ratio of AdamW's
-    step size to Lion's at the same lr.
-    """
+    """``adamw_update_rms`` for a training loop of your own: ``step_fn(model, optimizer, i)``
+    performs step ``i`` (forward, backward, ``optimizer.step()``) on the copy it is given, and
+    may return ``False`` to stop early (no more data)."""
     adamw_lr = _check_positive_finite("learning rate", adamw_lr)
     adamw_wd = _check_weight_decay(adamw_wd)
-    if int(steps) != steps or steps < 1:
+    if isinstance(steps, bool) or int(steps) != steps or steps < 1:
         raise ValueError(f"Invalid steps: {steps}")
     work = copy.deepcopy(model)
     work.train()
@@ -345,13 +339,9 @@ def adamw_update_rms(
     square_sum, count, done = 0.0, 0, 0
     devices = [] if not torch.cuda.is_available() else None
     with torch.random.fork_rng(devices=devices):
-        for batch in itertools.islice(batches, int(steps)):
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(work, batch)
-            if not torch.isfinite(loss):
-                raise ValueError(f"calibrate: the loss is {loss.item()} at AdamW step {done + 1}")
-            loss.backward()
-            optimizer.step()
+        for i in range(int(steps)):
+            if step_fn(work, optimizer, i) is False:
+                break
             done += 1
             for p in params:
                 state = optimizer.state.get(p)
@@ -368,6 +358,42 @@ def adamw_update_rms(
     if count == 0:
         raise ValueError("calibrate: no parameter received a gradient")
     return math.sqrt(square_sum / count)
+
+
+def adamw_update_rms(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    batches: Iterable[Any],
+    adamw_lr: float,
+    adamw_wd: float = 0.0,
+    steps: int = 100,
+) -> float:
+    """RMS of AdamW's per-coordinate update m̂/(√v̂ + ε) over its first ``steps`` steps.
+
+    Trains a deep copy of ``model`` with ``torch.optim.AdamW(lr=adamw_lr,
+    weight_decay=adamw_wd)`` on the first ``steps`` batches of ``batches`` (fewer if it ends
+    sooner) and pools the squared update of every coordinate of every step. ``model``, its
+    gradients and the global RNG state are left as they were. Lion's step has RMS 1, so this
+    is the ratio of AdamW's step size to Lion's at the same lr.
+    """
+    iterator = iter(batches)
+
+    def step_fn(work, optimizer, i):
+        batch = next(iterator, _END)
+        if batch is _END:
+            return False
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(work, batch)
+        if not torch.isfinite(loss):
+            raise ValueError(f"calibrate: the loss is {loss.item()} at AdamW step {i + 1}")
+        loss.backward()
+        optimizer.step()
+        return True
+
+    return measure_adamw_update_rms(model, step_fn, adamw_lr, adamw_wd, steps)
+
+
+_END = object()
 
 
 def calibrate(

@@ -110,6 +110,9 @@ class Task:
         """Validation ``(loss, metric)``."""
         raise NotImplementedError
 
+    def start_run(self, data: TaskData, seed: int) -> None:
+        """Called before the first step of every run (a hook for tasks with their own data)."""
+
     def train_step(
         self,
         model: nn.Module,

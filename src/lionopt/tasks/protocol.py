@@ -213,6 +213,7 @@ def train_run(
             optimizer, lambda i: lr_factor(i, plan.steps)
         )
         timer = _StepTimer(optimizer, device)
+        task.start_run(data, plan.seed)
         checkpoints = set(eval_steps(plan.steps, evals))
         loss_sum = torch.zeros((), device=device)
         loss_count = 0

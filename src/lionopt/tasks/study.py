@@ -11,7 +11,8 @@ run or one calibration each) and reacts to their results:
    - **adamw**: AdamW at ``A``, ``w``;
    - **lion-translated**: ``from_adamw(A, w, factor)``, what a user does on day one;
    - **lion-calibrated**: :func:`lionopt.hparams.calibrate` on the tune split's training data
-     (100 AdamW steps from seed 0's initial weights);
+     (the same rule: 100 AdamW steps from seed 0's initial weights, through the task's own
+     training step);
    - **lion-tuned**: Lion's own lr grid, ``A`` times 1, 1/3, 1/10, 1/30 (factors 1-30, same
      extension rule), each point with ``lr·λ = A·w`` (the per-step decay kept);
    - any other optimizer of ``--optimizers``: its registry translation of ``A``, ``w``.
@@ -39,7 +40,7 @@ from collections.abc import Callable
 
 import torch
 
-from lionopt.hparams import DEFAULT_FACTOR, calibrate, from_adamw
+from lionopt.hparams import DEFAULT_FACTOR, from_adamw, measure_adamw_update_rms
 from lionopt.tasks.base import Task, TaskData
 from lionopt.tasks.grid import default_grid, neighbour, nice
 from lionopt.tasks.loader import resolve_task
@@ -125,9 +126,11 @@ def _plan(task: Task, data: TaskData, job: Job):
 def execute(job: Job, on_step: Callable[[], None] | None = None) -> dict:
     """Run one job here; always returns a dict (``"error"`` set when the task failed)."""
     start = time.perf_counter()
-    where = f"task {job.task!r}, {job.row} seed {job.seed}"
+    what = job.row if job.split == "val" else f"{job.row} lr {job.lr:.3g}"
+    where = f"task {job.task!r}, {what} seed {job.seed}"
     try:
         task, data = _data(job.task, job.split)
+        where = f"task {task.name!r}, {what} seed {job.seed}"
         plan = _plan(task, data, job)
     except (KeyboardInterrupt, SystemExit):
         raise
@@ -139,8 +142,15 @@ def execute(job: Job, on_step: Callable[[], None] | None = None) -> dict:
             model = task.build_model(data)
             model.load_state_dict(plan.init_state)
             model.to(_CONTEXT["device"])
-            batches = (task.get_batch(data, plan.batches[i]) for i in range(plan.steps))
-            hp = calibrate(model, task.loss, batches, job.lr, job.weight_decay, plan.steps)
+            task.start_run(data, plan.seed)
+
+            def step_fn(work, optimizer, i):
+                loss = float(task.train_step(work, optimizer, data, plan.batches[i], i))
+                if not math.isfinite(loss):
+                    raise ValueError(f"the loss is {loss} at AdamW step {i + 1}")
+
+            rms = measure_adamw_update_rms(model, step_fn, job.lr, job.weight_decay, plan.steps)
+            hp = {"lr": job.lr * rms, "weight_decay": job.weight_decay / rms}
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:
@@ -170,7 +180,9 @@ def execute(job: Job, on_step: Callable[[], None] | None = None) -> dict:
         on_step=on_step,
     )
     if result.error is not None:
-        result.error = result.error.replace(f"task {task.name!r}, {job.optimizer}", where, 1)
+        result.error = result.error.replace(
+            f"task {task.name!r}, {job.optimizer} seed {job.seed}", where, 1
+        )
     return result.to_dict()
 
 
