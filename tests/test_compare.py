@@ -122,9 +122,12 @@ def test_same_init_and_batches_for_every_row(monkeypatch):
             record["batches"].append(indices.clone())
             return original_step(model, optimizer, data_, indices, step)
 
-        monkeypatch.setattr(task, "train_step", train_step)
+        task.train_step = train_step  # this run only: calibration uses the class's step
         seen.append(record)
-        return original(task, data, plan, name, **kw)
+        try:
+            return original(task, data, plan, name, **kw)
+        finally:
+            del task.train_step
 
     monkeypatch.setattr(study, "train_run", recording)
     argv = ["compare", "--tasks", "digits", "--seeds", "2", "--steps", "4", "--evals", "1"]
@@ -429,3 +432,14 @@ def test_report_without_matplotlib(tmp_path, monkeypatch, capsys):
     assert "matplotlib is not installed" in captured.err
     last = captured.out.strip().splitlines()[-1]
     assert last == f"Report written to {out}/: compare.md, compare.json." and "PNG" not in last
+
+
+def test_from_json_renders_a_saved_report(tmp_path, capsys):
+    out, again = tmp_path / "out", tmp_path / "again"
+    argv = ["compare", "--tasks", "digits", "--seeds", "1", "--jobs", "1", *TINY]
+    assert main([*argv, "--out", str(out)]) == 0
+    first = capsys.readouterr().out
+    assert main(["compare", "--from-json", str(out / "compare.json"), "--out", str(again)]) == 0
+    second = capsys.readouterr().out
+    assert first.split("Total wall time")[0] == second.split("Total wall time")[0]
+    assert (again / "compare_digits.png").exists()

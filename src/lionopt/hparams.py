@@ -1,4 +1,10 @@
-"""Hyperparameter rules for Lion: translating AdamW settings, the Amos-derived rule, and groups.
+"""Hyperparameter rules for Lion: translating AdamW settings, calibration, Amos, and groups.
+
+- ``from_adamw(lr, wd)``: the factor rule (lr / 3, wd x 3); right when AdamW's lr is tuned.
+- ``calibrate(model, loss_fn, batches, adamw_lr, adamw_wd)``: measures the factor on your
+  model from ~100 AdamW steps on a copy (Lion lr = AdamW lr x RMS of AdamW's update).
+- ``decay_groups(model, wd)``: decay for weight matrices (and embeddings), none for biases
+  and norm gains, for AdamW and Lion alike; ``param_groups`` adds Lion-specific options.
 
 Rules of thumb (Chen et al. 2023, arXiv 2302.06675, and the analysis at kexue.fm/archives/9473):
 

@@ -478,7 +478,10 @@ def sweep_markdown(report: dict, plots: dict[str, str]) -> str:
         f"them); seeds: {cfg['seeds']}; "
         f"batch sizes: {cfg['batch_sizes'] or 'the task default'} (same number of "
         "training examples at every batch size, so larger batches take fewer steps).",
-        "- Robustness: the share of grid cells whose final validation metric is within "
+        "- Split: every cell trains on the tune split (the training data minus a held-out "
+        "part) and is scored on that held-out part, as `lionopt compare` tunes; the "
+        "validation split is not used. Weight decay skips biases and norm gains.",
+        "- Robustness: the share of grid cells whose final tune-split metric is within "
         f"{100 * cfg['tolerance']:.0f}% (relative) of that optimizer's best cell. "
         "A cell shown as '-' diverged (non-finite loss) or has not run yet.",
     ]

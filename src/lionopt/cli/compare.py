@@ -113,8 +113,32 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="worker processes for independent runs, 1 torch thread each unless --threads "
         f"(default: the machine's cores, {os.cpu_count()}); 1 runs everything in this process",
     )
+    parser.add_argument(
+        "--from-json",
+        metavar="COMPARE.json",
+        default=None,
+        help="no training: print (and with --out, write) the report of an earlier run again, "
+        "with this version's summaries, verdicts and plots",
+    )
     parser.set_defaults(func=run)
     return parser
+
+
+def render(args: argparse.Namespace) -> int:
+    try:
+        report = json.loads(Path(args.from_json).read_text())
+    except (OSError, ValueError) as exc:
+        log(f"lionopt compare: --from-json {args.from_json}: cannot read it: {exc}")
+        return 2
+    for entry in report.get("tasks", []):
+        if entry.get("rows"):
+            entry["summary"] = summarize(entry)
+            entry["verdict"] = verdicts(entry)
+    written = write(report, args.out, plots=True)
+    print(_report.compare_text(report), end="")
+    if args.out:
+        print(f"Report written to {args.out}/: {', '.join(written)}.")
+    return 0
 
 
 def resolve_config(args: argparse.Namespace) -> dict:
@@ -169,18 +193,22 @@ def reused_rows(path: str, name: str) -> tuple[dict, dict]:
     except (OSError, ValueError) as exc:
         raise ValueError(f"--reuse-tuning {path}: cannot read it: {exc}") from None
     for entry in report.get("tasks", []):
-        if entry.get("name") == name and entry.get("summary"):
-            rows = {
-                row: {
-                    "optimizer": s["optimizer"],
-                    "how": s["how"],
-                    "lr": s["hparams"]["lr"],
-                    "weight_decay": s["hparams"].get("weight_decay", 0.0),
-                }
-                for row, s in entry["summary"].items()
+        if entry.get("name") != name:
+            continue
+        # rows are fixed as soon as tuning ends, so a report still running can be reused
+        rows = {
+            row: {
+                "optimizer": spec["optimizer"],
+                "how": spec["how"],
+                "lr": spec["lr"],
+                "weight_decay": spec.get("weight_decay") or 0.0,
             }
+            for row, spec in (entry.get("rows") or {}).items()
+            if spec.get("lr") is not None
+        }
+        if rows:
             return rows, {"tuning": entry.get("tuning", {}), "calibration": entry.get("calibration")}
-    raise ValueError(f"--reuse-tuning {path}: no finished rows for task {name!r} in it")
+    raise ValueError(f"--reuse-tuning {path}: no tuned rows for task {name!r} in it")
 
 
 def write(report: dict, out: str | None, *, plots: bool) -> list[str]:
@@ -243,6 +271,8 @@ def run(args: argparse.Namespace) -> int:
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         log(f"lionopt compare: --out {args.out} exists and is not a directory")
         return 2
+    if args.from_json:
+        return render(args)
     started = time.perf_counter()
     cpu_start = resource.getrusage(resource.RUSAGE_SELF)
     device = setup_device(args)

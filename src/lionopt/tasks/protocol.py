@@ -65,6 +65,7 @@ class RunResult:
     optimizer_step_ms: float
     train_step_ms: float
     wall_s: float
+    cpu_s: float = 0.0  # CPU time of the process during the run (all its threads)
     error: str | None = None  # the task raised or its metric was NaN (see train_run)
 
     def to_dict(self) -> dict:
@@ -174,7 +175,7 @@ def train_run(
     A non-finite training loss is a divergence (``diverged``), not an error.
     """
     device = torch.device(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     where = f"task {task.name!r}, {optimizer_name} seed {plan.seed}"
     step = 0
     history: dict[str, list[float]] = {
@@ -284,6 +285,7 @@ def train_run(
         optimizer_step_ms=1000 * timer.total / max(1, timer.count) if timer else 0.0,
         train_step_ms=1000 * step_time / max(1, timed),
         wall_s=time.perf_counter() - start,
+        cpu_s=time.process_time() - cpu_start,
         error=error,
     )
 

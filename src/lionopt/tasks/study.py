@@ -219,8 +219,12 @@ def run_jobs(
         on_submit(len(pending))
 
     def take() -> Job:
-        # tuning first (it unblocks the rest), then the most expensive
-        best = max(range(len(pending)), key=lambda i: (pending[i].split == "tune", pending[i].cost))
+        # tuning first (it unblocks the rest), then the most expensive, then the lowest seed
+        def key(i: int):
+            job = pending[i]
+            return (job.split == "tune", job.cost, -job.seed)
+
+        best = max(range(len(pending)), key=key)
         return pending.pop(best)
 
     def done(job: Job, result: dict) -> None:
@@ -520,8 +524,8 @@ def summarize(entry: dict) -> dict:
             "state_bytes": mine[0]["state_bytes"],
         }
         for key in ("final_metric", "best_metric", "final_val_loss", "optimizer_step_ms",
-                    "train_step_ms", "wall_s"):  # fmt: skip
-            item[key] = mean_std([r[key] for r in mine])
+                    "train_step_ms", "wall_s", "cpu_s"):  # fmt: skip
+            item[key] = mean_std([r.get(key) for r in mine])
         per_seed = [
             {"seed": r["seed"],
              "step": steps_to_reach(r["history"], adamw_final[r["seed"]], entry["higher_is_better"])}
