@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lionopt import Lion
-from lionopt.variants import Tiger, tiger_param_groups
+from lionopt.optim import Tiger, tiger_param_groups
 
 from support import IMPLEMENTATIONS
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from lionopt import Lion
 from lionopt.diagnostics import lion_stats
-from lionopt.variants import Signum, Tiger
+from lionopt.optim import Signum, Tiger
 
 
 def lion_with_history(

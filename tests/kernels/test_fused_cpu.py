@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from lionopt import Lion
-from lionopt.kernels import cpu_dispatch, fused_cpu
-from lionopt.kernels._common import LionHyper
+from lionopt.kernels.cpu import dispatch as cpu_dispatch
+from lionopt.kernels.cpu import plain as fused_cpu
+from lionopt.kernels.hyper import LionHyper
 from lionopt.kernels.reference import single_tensor_lion
 
 STEPS = 24
@@ -274,7 +275,8 @@ def _run_python(code: str, env: dict) -> subprocess.CompletedProcess:
 def test_second_process_loads_the_cached_build_and_import_builds_nothing() -> None:
     code = """
         import lionopt
-        from lionopt.kernels import cpu_dispatch, fused_cpu
+        from lionopt.kernels.cpu import dispatch as cpu_dispatch
+        from lionopt.kernels.cpu import plain as fused_cpu
         assert fused_cpu._library.state is None, "importing lionopt built or loaded the kernel"
         assert cpu_dispatch._library._thread is None, "importing lionopt started a build"
         assert fused_cpu.available()
@@ -292,7 +294,7 @@ def test_second_process_loads_the_cached_build_and_import_builds_nothing() -> No
 def test_a_background_build_outlives_a_short_process(tmp_path) -> None:
     """A process that exits while the C++ dispatch builds still leaves the build cached."""
     code = """
-        from lionopt.kernels import cpu_dispatch
+        from lionopt.kernels.cpu import dispatch as cpu_dispatch
         assert not cpu_dispatch.available()  # building in the background; exit at once
         print("OK")
     """
@@ -303,7 +305,7 @@ def test_a_background_build_outlives_a_short_process(tmp_path) -> None:
         time.sleep(1)
     assert list(tmp_path.rglob("lion_cpu_dispatch.so")), list(tmp_path.rglob("*"))
     code = """
-        from lionopt.kernels import cpu_dispatch
+        from lionopt.kernels.cpu import dispatch as cpu_dispatch
         assert cpu_dispatch.wait(60) and not cpu_dispatch.build_info()["compiled"]
         print("OK")
     """
@@ -316,7 +318,7 @@ def test_no_compiler_falls_back_with_one_warning(tmp_path) -> None:
         import warnings
         import torch
         from lionopt import Lion
-        from lionopt.kernels._common import LionHyper
+        from lionopt.kernels.hyper import LionHyper
         from lionopt.kernels.reference import single_tensor_lion
 
         torch.manual_seed(0)

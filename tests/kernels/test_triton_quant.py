@@ -21,15 +21,16 @@ needs_triton = pytest.mark.skipif(
 
 INTERPRETER_SCRIPT = """
 import torch
-from lionopt import functional
-from lionopt.kernels import triton_quant
-from lionopt.kernels._common import LionHyper
-from lionopt.kernels.quantized import quantize, quantized_lion_loop
+from lionopt.kernels import registry
+from lionopt.kernels.triton import quant as triton_quant
+from lionopt.kernels.hyper import LionHyper
+from lionopt.kernels.reference import quantized_lion_loop
+from lionopt.state.int8 import quantize
 from lionopt.kernels.reference import single_tensor_lion
 from lionopt.kernels.rounding import rounding_key
 
 assert triton_quant.available()
-assert functional._ROUNDING_BACKENDS["cuda"] == "lionopt.kernels.triton_quant"
+assert any(b.name == "cuda-rounding" for b in registry.backends("cuda"))
 launches = []
 kernel = triton_quant._quant_kernel
 

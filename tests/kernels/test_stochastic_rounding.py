@@ -10,7 +10,7 @@ import torch
 
 from lionopt import Lion
 from lionopt.functional import lion
-from lionopt.kernels import fused_quant_cpu
+from lionopt.kernels.cpu import quant as fused_quant_cpu
 from lionopt.kernels.rounding import element_bits, rounding_key, stochastic_round_bf16
 from quant_support import fp32_run, lion_factory, train
 

@@ -13,9 +13,11 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from lionopt import Lion
-from lionopt.kernels import _build, fused_quant_cpu, quantized
-from lionopt.kernels._common import LionHyper
-from lionopt.kernels.quantized import BLOCK, dequantize, quantize
+from lionopt.kernels import quantized
+from lionopt.kernels.cpu import _build
+from lionopt.kernels.cpu import quant as fused_quant_cpu
+from lionopt.kernels.hyper import LionHyper
+from lionopt.state.int8 import BLOCK, dequantize, quantize
 
 finite32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
 floats32 = st.floats(width=32)  # NaN and ±inf too

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lionopt import Lion
-from lionopt.variants import Signum
+from lionopt.optim import Signum
 
 from support import IMPLEMENTATIONS
 

@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from lionopt import Lion, functional
-from lionopt.kernels import cpu_dispatch, fused_cpu
-from lionopt.kernels._build import LazyLibrary
-from lionopt.kernels._common import LionHyper
+from lionopt.kernels.cpu import dispatch as cpu_dispatch
+from lionopt.kernels.cpu import plain as fused_cpu
+from lionopt.kernels.cpu._build import LazyLibrary
+from lionopt.kernels.hyper import LionHyper
 from lionopt.kernels.reference import single_tensor_lion
 
 SHAPES = [(3,), (17, 5), (0,), (), (40_000,), (127, 129)]

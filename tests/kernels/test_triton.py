@@ -21,8 +21,8 @@ needs_triton = pytest.mark.skipif(
 
 INTERPRETER_SCRIPT = """
 import torch
-from lionopt.kernels import triton_lion
-from lionopt.kernels._common import LionHyper
+from lionopt.kernels.triton import plain as triton_lion
+from lionopt.kernels.hyper import LionHyper
 from lionopt.kernels.reference import single_tensor_lion
 
 assert triton_lion.available()
@@ -93,7 +93,7 @@ def test_triton_kernel_under_the_interpreter_is_bitwise() -> None:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU answer")
 def test_unavailable_without_cuda_warns_once(monkeypatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    from lionopt.kernels import triton_lion
+    from lionopt.kernels.triton import plain as triton_lion
 
     monkeypatch.setattr(triton_lion, "_state", None)
     with warnings.catch_warnings(record=True) as caught:
