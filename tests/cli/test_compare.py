@@ -443,3 +443,12 @@ def test_from_json_renders_a_saved_report(tmp_path, capsys):
     second = capsys.readouterr().out
     assert first.split("Total wall time")[0] == second.split("Total wall time")[0]
     assert (again / "compare_digits.png").exists()
+
+
+def test_tune_only_runs_the_grids_and_nothing_else(tmp_path):
+    out = tmp_path / "out"
+    argv = ["compare", "--tasks", "digits", "--tune-only", "--tune-length", "1", "--jobs", "1"]
+    assert main([*argv, *TINY, "--out", str(out)]) == 0
+    (task,) = load_report(out / "compare.json")["tasks"]
+    assert task["status"] == "complete" and task["runs"] == [] and task["rows"] == {}
+    assert task["tuning"]["adamw"]["steps"] == 6 and task["tuning"]["lion"]["lr"] is not None

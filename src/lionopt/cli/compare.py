@@ -89,6 +89,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         f"(default {DEFAULT_TUNE_LENGTH}; 1 checks that the chosen lr holds at full length)",
     )
     parser.add_argument(
+        "--tune-only",
+        action="store_true",
+        help="run the tuning only (AdamW's grid, then Lion's), no final rows: with "
+        "--tune-length 1, the check that the chosen lr holds at full length",
+    )
+    parser.add_argument(
         "--tune-seeds", type=positive_int, default=1, help="seeds per tuning point (default 1)"
     )
     parser.add_argument(
@@ -161,6 +167,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
         "no_tune": args.no_tune,
         "tune_length": args.tune_length,
         "tune_seeds": list(range(args.tune_seeds)),
+        "tune_only": args.tune_only,
         "reuse_tuning": args.reuse_tuning,
         "decay": args.decay,
         "jobs": args.jobs or os.cpu_count() or 1,

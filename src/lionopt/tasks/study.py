@@ -461,6 +461,15 @@ class Study:
     def _tuning_done(self, name: str) -> list[Job]:
         cfg, task = self.config, self.task
         tuning = self.entry["tuning"][name]
+        if cfg.get("tune_only"):  # the check mode: grids only, no final rows
+            jobs = []
+            if name == "adamw" and "lion" in cfg["optimizers"]:
+                grid = sorted(nice(tuning["lr"] / f) for f in LION_FACTORS)
+                self.entry["tuning"]["lion"] = self._new_tuning(grid, "lion")
+                jobs = [j for lr in grid for j in self._tune_jobs("lion", lr)]
+            if not jobs and self.entry["status"] == "running":
+                self.entry["status"] = "complete"
+            return jobs
         if name != "adamw":
             return self._add_row("lion-tuned", "lion", f"tuned on its own lr grid ({len(tuning['lr_grid'])} points)",
                                  lr=tuning["lr"], weight_decay=tuning["chosen_weight_decay"])  # fmt: skip
