@@ -12,7 +12,15 @@ from lionopt.hparams import DEFAULT_FACTOR
 from lionopt.tasks import get_task
 
 
-def test_small_sweep_with_batch_sizes(tmp_path, capsys):
+def test_small_sweep_with_batch_sizes(tmp_path, capsys, monkeypatch):
+    splits = []
+    original = sweep_cli.train_run
+
+    def recording(task, data, *args, **kwargs):
+        splits.append((data.info.get("split"), data.train_x.shape[0], data.val_x.shape[0]))
+        return original(task, data, *args, **kwargs)
+
+    monkeypatch.setattr(sweep_cli, "train_run", recording)
     out = tmp_path / "sweep"
     argv = ["sweep", "--tasks", "digits", "--steps", "8", "--evals", "1", "--no-progress",
             "--lr-multipliers", "0.1,10", "--wd-multipliers", "1", "--batch-sizes", "32,64",
@@ -20,6 +28,8 @@ def test_small_sweep_with_batch_sizes(tmp_path, capsys):
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "robustness" in text and "Batch-size ablation" in text
+    assert "lion's best lr across batch sizes" in text
+    assert set(splits) == {("tune", 1150, 288)}  # never the validation split
 
     report = json.loads((out / "sweep.json").read_text())
     assert report["schema"] == "lionopt.sweep/1" and report["complete"] is True

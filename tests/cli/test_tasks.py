@@ -120,3 +120,63 @@ def test_epoch_permutations_visit_each_example_once_per_epoch():
 def test_unknown_task():
     with pytest.raises(ValueError, match="unknown task"):
         get_task("imagenet")
+
+
+def test_tune_split_is_held_out_of_the_training_data():
+    task = get_task("digits")
+    data = task.load()
+    tune = task.tune_data(data)
+    assert tune.train_x.shape[0] == 1150 and tune.val_x.shape[0] == 288
+    # the tune split re-partitions the training rows; the validation split stays out of it
+    both = torch.cat([tune.train_x, tune.val_x]).flatten(1)
+    assert sorted(map(tuple, both.tolist())) == sorted(map(tuple, data.train_x.flatten(1).tolist()))
+    assert sorted(torch.cat([tune.train_y, tune.val_y]).tolist()) == sorted(data.train_y.tolist())
+    assert torch.equal(task.tune_data(data).val_x, tune.val_x)  # fixed split
+
+    lm = get_task("charlm")
+    text = lm.load()
+    tune = lm.tune_data(text)
+    cut = tune.train_x.shape[0]
+    assert cut == int(text.train_x.shape[0] * 0.9)
+    assert torch.equal(tune.val_x, text.train_x[cut : cut + tune.val_x.shape[0]])
+
+
+def test_tensor_task_validates_its_arguments():
+    from lionopt.tasks import TensorTask
+
+    x, y = torch.randn(10, 3), torch.zeros(10, dtype=torch.long)
+    ok = dict(name="t", model=lambda: torch.nn.Linear(3, 2), train=(x, y), val=(x, y),
+              loss=torch.nn.functional.cross_entropy, metric=lambda o, t: 0.0,
+              higher_is_better=True, steps=5, batch_size=4, adamw_lr=1e-3,
+              adamw_weight_decay=0.0)  # fmt: skip
+    task = TensorTask(**ok)
+    data = task.load()
+    assert task.tune_data(data).train_x.shape[0] == 8
+    assert task.evaluate(task.build_model(data), data)[1] == 0.0
+    for bad, message in [
+        ({"train": (x, y[:5])}, "same number of rows"),
+        ({"steps": 0}, "steps must be a positive integer"),
+        ({"loss": 3}, "loss must be callable"),
+        ({"adamw_lr": -1}, "invalid adamw_lr"),
+        ({"val": x}, "must be a pair"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            TensorTask(**{**ok, **bad})
+    with pytest.raises(ValueError, match=r"must return an nn\.Module"):
+        TensorTask(**{**ok, "model": lambda: 3}).build_model(data)
+
+
+def test_resolve_task_errors(tmp_path):
+    from lionopt.tasks import resolve_task
+
+    with pytest.raises(ValueError, match="unknown task"):
+        resolve_task("imagenet")
+    with pytest.raises(ValueError, match="no such file"):
+        resolve_task(str(tmp_path / "none.py") + ":x")
+    with pytest.raises(ValueError, match="importing no_such_module_xyz failed"):
+        resolve_task("no_such_module_xyz:x")
+    bad = tmp_path / "bad.py"
+    bad.write_text("def make():\n    raise RuntimeError('nope')\n")
+    with pytest.raises(ValueError, match="building the task failed: RuntimeError: nope"):
+        resolve_task(f"{bad}:make")
+    assert resolve_task("digits").name == "digits"

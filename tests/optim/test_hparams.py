@@ -184,3 +184,110 @@ def test_module_docstring_has_the_rules_of_thumb() -> None:
     doc = hparams.__doc__
     for phrase in ("(0.95, 0.98)", "64", "Warmup", "DEFAULT_FACTOR = 3", "1/λ"):
         assert phrase in doc
+
+
+# --- calibrate and decay_groups ------------------------------------------------------------
+
+
+def reference_adamw_update_rms(model, batches, lr, wd, steps, betas=(0.9, 0.999), eps=1e-8):
+    """AdamW written out in float64; the pooled RMS of m̂/(√v̂ + ε) over ``steps`` steps."""
+    params = [p.detach().double().clone().requires_grad_(True) for p in model.parameters()]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    total, count = 0.0, 0
+    for t, (x, y) in enumerate(batches[:steps], start=1):
+        w, b = params
+        loss = ((x.double() @ w.T + b - y.double()) ** 2).mean()
+        grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            for p, g, m_i, v_i in zip(params, grads, m, v):
+                m_i.mul_(betas[0]).add_(g, alpha=1 - betas[0])
+                v_i.mul_(betas[1]).addcmul_(g, g, value=1 - betas[1])
+                u = (m_i / (1 - betas[0] ** t)) / ((v_i / (1 - betas[1] ** t)).sqrt() + eps)
+                total += float(u.square().sum())
+                count += u.numel()
+                p.mul_(1 - lr * wd).sub_(lr * u)
+    return math.sqrt(total / count)
+
+
+def regression_batches(n=30, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    true = torch.randn(3, 4, generator=g)
+    out = []
+    for _ in range(n):
+        x = torch.randn(16, 4, generator=g)
+        out.append((x, x @ true.T + 0.3 * torch.randn(16, 3, generator=g)))
+    return out
+
+
+def mse(model, batch):
+    x, y = batch
+    return ((model(x) - y) ** 2).mean()
+
+
+def test_calibrate_matches_adamw_written_out_and_leaves_the_model_alone() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    before = [p.detach().clone() for p in model.parameters()]
+    batches = regression_batches()
+    rng_before = torch.get_rng_state()
+    result = hparams.calibrate(model, mse, iter(batches), 1e-2, 0.1, steps=25)
+    assert set(result) == {"lr", "weight_decay"}
+    rms = reference_adamw_update_rms(model, batches, 1e-2, 0.1, steps=25)
+    assert 0.05 < rms < 1.0  # a real ratio, not a degenerate 0 or 1
+    assert result["lr"] == pytest.approx(1e-2 * rms, rel=1e-5)
+    assert result["lr"] * result["weight_decay"] == pytest.approx(1e-2 * 0.1, rel=1e-12)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    # fewer batches than steps: uses what there is
+    short = hparams.adamw_update_rms(model, mse, batches[:5], 1e-2, 0.1, steps=100)
+    assert short == pytest.approx(reference_adamw_update_rms(model, batches, 1e-2, 0.1, 5), rel=1e-5)
+
+
+def test_calibrate_rejects_bad_input() -> None:
+    model = nn.Linear(4, 3)
+    with pytest.raises(ValueError, match="batches is empty"):
+        hparams.calibrate(model, mse, [], 1e-3, 0.1)
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        hparams.calibrate(model, mse, regression_batches(2), -1.0, 0.1)
+    with pytest.raises(ValueError, match="Invalid steps"):
+        hparams.calibrate(model, mse, regression_batches(2), 1e-3, 0.1, steps=0)
+    with pytest.raises(ValueError, match="the loss is nan"):
+        hparams.calibrate(model, lambda m, b: mse(m, b) * math.nan, regression_batches(2), 1e-3, 0.0)
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.pos = nn.Parameter(torch.zeros(5, 4))
+        self.lin = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+
+
+def test_decay_groups_sort_parameters_as_users_do() -> None:
+    model = Tiny()
+    groups = {g["name"]: g for g in hparams.decay_groups(model, 0.1)}
+    ids = {name: {id(p) for p in g["params"]} for name, g in groups.items()}
+    assert ids["decay"] == {id(model.emb.weight), id(model.pos), id(model.lin.weight)}
+    assert ids["no_decay"] == {id(model.lin.bias), id(model.norm.weight), id(model.norm.bias)}
+    assert groups["decay"]["weight_decay"] == 0.1 and groups["no_decay"]["weight_decay"] == 0.0
+    assert all("lr" not in g for g in groups.values())
+    other = {g["name"]: g for g in hparams.decay_groups(model, 0.1, embeddings="no_decay")}
+    assert id(model.emb.weight) in {id(p) for p in other["no_decay"]["params"]}
+    with pytest.raises(ValueError, match="embeddings"):
+        hparams.decay_groups(model, 0.1, embeddings="adamw")
+    # the groups work as they are in both optimizers, and only the decay group decays
+    for make in (lambda g: torch.optim.AdamW(g, lr=0.1), lambda g: Lion(g, lr=0.1)):
+        model = Tiny()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(1.0)
+        opt = make(hparams.decay_groups(model, 0.5))
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        assert torch.allclose(model.lin.weight, torch.full_like(model.lin.weight, 0.95))
+        assert torch.equal(model.lin.bias, torch.ones_like(model.lin.bias))
+        assert torch.equal(model.norm.weight, torch.ones_like(model.norm.weight))
