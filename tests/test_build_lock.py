@@ -1,4 +1,4 @@
-"""One kernel build per machine (``lionopt.kernels._buildlock``), with concurrent processes.
+"""One kernel build per machine (``lionopt.kernels.cpu._buildlock``), with concurrent processes.
 
 A tiny C++ source and a compiler wrapper that logs each call and sleeps 1 s stand in for the
 real kernels (which take 5-25 s to build). Several processes start at once on an empty cache:
@@ -19,18 +19,20 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX"
 
 _SOURCE = 'extern "C" int lionopt_lock_answer() { return 42; }\n'
 
-# The child loads lionopt.kernels._build without running lionopt/__init__ (which imports torch,
+# The child loads lionopt.kernels.cpu._build without running the packages' __init__ (which imports torch,
 # seconds per process on a busy machine): the build helpers need no torch.
 _CHILD = """
     import importlib.util, sys, types
     from pathlib import Path
 
     root = Path(importlib.util.find_spec("lionopt").origin).parent
-    for name, folder in (("lionopt", root), ("lionopt.kernels", root / "kernels")):
+    packages = (("lionopt", root), ("lionopt.kernels", root / "kernels"),
+                ("lionopt.kernels.cpu", root / "kernels" / "cpu"))
+    for name, folder in packages:
         module = types.ModuleType(name)
         module.__path__ = [str(folder)]
         sys.modules[name] = module
-    from lionopt.kernels._build import LazyLibrary
+    from lionopt.kernels.cpu._build import LazyLibrary
     assert "torch" not in sys.modules
 
     lib = LazyLibrary(Path(sys.argv[1]), "locktest", check=lambda lib, info: None,
