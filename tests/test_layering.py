@@ -28,7 +28,6 @@ LAYERS = {
     "lion": 3,
     "variants": 3,
     "diagnostics": 4,
-    "distributed": 4,
     "bench": 5,
     "tasks": 5,
     "cli": 6,
