@@ -23,6 +23,7 @@ from operator import attrgetter
 import torch
 from torch import Tensor
 
+from lionopt.distributed import sharded
 from lionopt.kernels import cpu_dispatch
 from lionopt.kernels._common import LionHyper
 from lionopt.kernels.foreach import multi_tensor_lion
@@ -91,6 +92,21 @@ def lion(
         rounding_keys=None if rounding_keys is None else list(rounding_keys),
     )
     if not params:
+        return
+    if sharded.any_dtensor(params, grads, exp_avgs):
+        # FSDP2 / DTensor: every implementation runs on the local shards (never data_ptr() of
+        # a DTensor); whole-tensor statistics are reduced over the mesh.
+        sharded.sharded_lion(
+            lion,
+            params,
+            grads,
+            exp_avgs,
+            hyper=hyper,
+            foreach=foreach,
+            fused=fused,
+            exp_avg_scales=exp_avg_scales,
+            rounding_keys=rounding_keys,
+        )
         return
     if compiling and exp_avg_scales is None:
         # Inductor fuses the foreach ops itself; the compiled kernels are opaque to it.

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lionopt.distributed import sharded
 from lionopt.functional import lion
 from lionopt.kernels import cpu_dispatch
 from lionopt.kernels._common import LionHyper
@@ -140,7 +141,9 @@ class Lion(Optimizer):
         """Loading a state dict keeps this optimizer's momentum_dtype and converts to it."""
         if not getattr(self, "_state_hooks_registered", False):
             self.register_load_state_dict_pre_hook(_check_momentum_shapes)
+            self.register_load_state_dict_pre_hook(sharded.requantize_loaded)
             self.register_load_state_dict_pre_hook(remember_loaded_state)
+            self.register_state_dict_post_hook(sharded.present_state)
             self.register_load_state_dict_post_hook(convert_loaded_state)
             self._state_hooks_registered = True
 
@@ -188,7 +191,10 @@ class Lion(Optimizer):
                 )
             state = self.state[p]
             if momentum_dtype is not None or "exp_avg" not in state or "exp_avg_scale" in state:
-                convert_momentum(state, p, momentum_dtype)
+                if sharded.is_dtensor(p):  # FSDP2: state on the local shard
+                    sharded.convert_momentum(state, p, momentum_dtype)
+                else:
+                    convert_momentum(state, p, momentum_dtype)
             params.append(p)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
@@ -245,7 +251,7 @@ class Lion(Optimizer):
         ):
             return None
         params = group["params"]
-        if not params or not params[0].is_cpu:
+        if not params or not params[0].is_cpu or sharded.is_dtensor(params[0]):
             return None
         return cpu_dispatch.available()
 

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lionopt.distributed.sharded import tensor_norms
 from lionopt.functional import lion
 from lionopt.hparams import classify_parameters
 from lionopt.kernels._common import is_low_precision
@@ -154,11 +155,12 @@ class Tiger(Optimizer):
         dense_rms = last and not group["bias_or_gain"] and not group["embedding"]
         # One host sync: the inf-norm of every gradient (non-finite iff the gradient is) and,
         # where the update needs it, the RMS of every parameter.
-        figures = list(torch._foreach_norm(grads, math.inf))
+        # DTensors (FSDP2): the norms are over whole tensors, reduced over the mesh.
+        figures = tensor_norms(grads, math.inf)
         if dense_rms:
             # fp32 accumulation for low-precision tensors, float64 kept as it is.
             wide = None if any(p.dtype == torch.float64 for p in params) else torch.float32
-            norms = torch._foreach_norm(params, 2, dtype=wide)
+            norms = tensor_norms(params, 2, dtype=wide)
             figures += [
                 n / math.sqrt(max(p.numel(), 1)) for n, p in zip(norms, params, strict=True)
             ]

@@ -1,0 +1,1 @@
+"""Distributed training support: DTensor parameters (``sharded``) and data-parallel variants."""
