@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lionopt.distributed import sharded
+from lionopt.distributed import guards, sharded
 from lionopt.functional import lion
 from lionopt.kernels import cpu_dispatch
 from lionopt.kernels._common import LionHyper
@@ -152,6 +152,7 @@ class Lion(Optimizer):
             param_group["momentum_dtype"] = normalize_momentum_dtype(param_group["momentum_dtype"])
         _validate_group({**self.defaults, **param_group})
         super().add_param_group(param_group)
+        guards.remember_shapes(self)
         group = self.param_groups[-1]
         if group["decouple_lr"] and group["max_lr"] is None:
             group["max_lr"] = _as_float(group["lr"])
@@ -208,6 +209,9 @@ class Lion(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        for index, group in enumerate(self.param_groups):
+            if group["cautious"]:  # its mask mean is per tensor: not on flat partitions
+                guards.check_whole(self, index, "Cautious Lion")
         for group in self.param_groups:
             fast = self._cpu_dispatch_ready(group)
             if fast and self._step_cached_layout(group):

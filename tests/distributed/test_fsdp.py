@@ -8,7 +8,8 @@ group (spawning costs seconds), in this order so that checkpoints reshard:
   (resume at 2 == uninterrupted; load of the world-1 checkpoint, 1→2);
 - world 4: uneven shards with an empty one (5 rows over 4 ranks), HSDP on a 2x2 mesh, and
   the world-2 checkpoints loaded at 4 (2→4);
-- this process, no process group: the world-2 checkpoints loaded into a plain model (2→1).
+- world 1 again: the world-2 checkpoints loaded at 1 (2→1);
+- this process, no process group: the world-2 checkpoints loaded into a plain model.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def worlds(tmp_path_factory):
     results[1] = run_world(C.run_cases, 1, dcp_names, ckpt, 0)[0]
     results[2] = run_world(C.run_cases, 2, WORLD2, ckpt, 1)[0]
     results[4] = run_world(C.run_cases, 4, WORLD4, ckpt, 2)[0]
+    results["1b"] = run_world(C.run_cases, 1, dcp_names, ckpt, 2)[0]
     return ckpt, results
 
 
@@ -75,16 +77,23 @@ def test_world1_saves(worlds, name):
     _check(worlds[1][1], name)
 
 
+@pytest.mark.parametrize("name", [f"dcp_{n}" for n in C.DCP_PATHS])
+def test_world1_loads_world2(worlds, name):
+    """2→1 with FSDP2 on a 1-rank mesh."""
+    _check(worlds[1]["1b"], name)
+
+
 def test_int8_distance_is_reported(worlds):
     """8-bit at world 2: the whole-block parameter is exact, the rest within a few lr steps."""
     figures = worlds[1][2]["int8"][2]
     assert figures["max_abs"] <= 4 * C.STEPS * C.LR, figures
 
 
-@pytest.mark.parametrize("path", C.DCP_PATHS)
+@pytest.mark.parametrize("path", [p for p in C.DCP_PATHS if p != "int8"])
 def test_load_world2_checkpoint_into_plain_model(worlds, path):
-    """2→1: a DCP checkpoint of FSDP2 at world 2 loads into an unsharded model, no process
-    group, and resumes to the uninterrupted unsharded run."""
+    """A DCP checkpoint of FSDP2 at world 2 loads into an unsharded model, no process group,
+    and resumes to the uninterrupted unsharded run. (Not 8-bit: a plain optimizer's 8-bit
+    state is flat codes, which DCP cannot fill from the sharded fp32 presentation.)"""
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     ckpt, _ = worlds

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lionopt.distributed.guards import check_whole, remember_shapes
 from lionopt.distributed.sharded import tensor_norms
 from lionopt.functional import lion
 from lionopt.hparams import classify_parameters
@@ -106,6 +107,7 @@ class Tiger(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         _validate_group({**self.defaults, **param_group})
         super().add_param_group(param_group)
+        remember_shapes(self)
 
     def _collect_group(
         self, group: dict[str, Any]
@@ -131,6 +133,8 @@ class Tiger(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for index in range(len(self.param_groups)):  # RMS and guard are per tensor
+            check_whole(self, index, "Tiger")
         for group in self.param_groups:
             micro_step = group["micro_step"]
             last = micro_step >= group["accum_steps"] - 1
