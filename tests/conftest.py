@@ -25,7 +25,7 @@ def _cpu_dispatch_built() -> None:
     """Wait for the C++ dispatch's background build, so every test sees the same paths."""
     if not fused_available("cpu"):
         return
-    from lionopt.kernels import cpu_dispatch
+    from lionopt.kernels.cpu import dispatch as cpu_dispatch
 
     if not cpu_dispatch.wait() and os.environ.get("LIONOPT_REQUIRE_FUSED") == "1":
         pytest.fail("LIONOPT_REQUIRE_FUSED=1 but the C++ dispatch did not build")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lionopt import Lion
-from lionopt.kernels.quantized import momentum_tensor
+from lionopt.state.formats import fp32_view as momentum_tensor
 
 BETAS = (0.9, 0.99)
 BATCH = 128

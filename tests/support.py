@@ -8,7 +8,7 @@ import sys
 import textwrap
 import warnings
 
-from lionopt import functional
+from lionopt.kernels import registry
 
 # (foreach, fused) settings that select each implementation of the functional step.
 IMPLEMENTATIONS = {
@@ -21,7 +21,7 @@ IMPLEMENTATIONS = {
 def fused_available(device_type: str = "cpu") -> bool:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return functional._fused_backend(device_type, explicit=False) is not None
+        return registry.fused_available(device_type)
 
 
 def run_under_triton_interpreter(script: str) -> None:

@@ -6,8 +6,7 @@ the hyperparameter rules and ``diagnostics`` the on-demand training figures.
 """
 
 from lionopt import diagnostics, functional, hparams
-from lionopt.lion import Lion, SparseGradientError
-from lionopt.variants import Signum, Tiger, tiger_param_groups
+from lionopt.optim import Lion, Signum, SparseGradientError, Tiger, tiger_param_groups
 
 __all__ = [
     "Lion",

@@ -20,8 +20,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lionopt.lion import Lion, _as_float
-from lionopt.variants.tiger import Tiger
+from lionopt.optim.base import as_float as _as_float
+from lionopt.optim.lion import Lion
+from lionopt.optim.tiger import Tiger
 
 __all__ = ["lion_stats"]
 

@@ -3,40 +3,40 @@
 ``lion(params, grads, exp_avgs, ...)`` updates ``params`` and ``exp_avgs`` in place. It is what
 ``lionopt.Lion.step`` calls, and it is public for users who manage their own state.
 
-Tensors are grouped by device and dtype; each group goes to one implementation:
+It does one thing: it resolves the implementation once (``resolve_impl``), cuts the tensors into
+``TensorGroup``s of one device, dtype triple and momentum kind (``group_tensors``), and steps
+each group with one of three bodies:
 
-- ``fused``: one compiled pass per group (C++ on CPU, Triton on CUDA), the default where it runs;
-  on CPU, when every tensor suits the kernel, one C++ call (``kernels.cpu_dispatch``) does the
-  checks and the step, with no Python work per tensor;
-- ``foreach``: ``torch._foreach_*`` ops, the default elsewhere and under ``torch.compile``;
-- the single-tensor reference loop (``foreach=False, fused=False``).
+- ``fused``: a compiled kernel from ``lionopt.kernels.registry`` (C++ on CPU, Triton on CUDA),
+  the default where one supports the group; otherwise the group falls back to foreach (with one
+  warning when ``fused=True`` was asked for);
+- ``foreach``: ``kernels.foreach.multi_tensor`` (``torch._foreach_*`` ops), the default
+  elsewhere and under ``torch.compile``;
+- ``single``: ``kernels.reference.single_tensor``, the per-tensor reference loop.
+
+``group_tensors`` is the one place where the lists become groups: a distributed caller can
+replace it (e.g. map DTensors to their local shards, give the groups a mesh-reducing
+``stats`` and mark them not ``fusable``) without touching the bodies.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
-from dataclasses import replace
-from functools import cache
 from operator import attrgetter
 
 import torch
 from torch import Tensor
 
-from lionopt.distributed import sharded
-from lionopt.kernels import cpu_dispatch
-from lionopt.kernels._common import LionHyper
-from lionopt.kernels.foreach import multi_tensor_lion
-from lionopt.kernels.quantized import quantized_lion
-from lionopt.kernels.reference import single_tensor_lion
+from lionopt.kernels import dtensor, registry
+from lionopt.kernels.foreach import multi_tensor
+from lionopt.kernels.group import LOCAL_STATS, LocalStats, TensorGroup
+from lionopt.kernels.hyper import LionHyper
+from lionopt.kernels.reference import single_tensor
+from lionopt.state.formats import INT8_KIND, PLAIN_KIND
 
-__all__ = ["lion"]
+__all__ = ["group_tensors", "lion", "resolve_impl", "stats_for"]
 
-_FUSED_BACKENDS = {"cpu": "lionopt.kernels.fused_cpu", "cuda": "lionopt.kernels.triton_lion"}
-_ROUNDING_BACKENDS = {
-    "cpu": "lionopt.kernels.fused_quant_cpu",
-    "cuda": "lionopt.kernels.triton_quant",
-}
+SINGLE, MULTI, FUSED = "single", "multi", "fused"
 
 
 def lion(
@@ -65,7 +65,7 @@ def lion(
     ``cautious_weight_decay`` decays only where update·θ ≥ 0 (arXiv 2510.12402).
 
     8-bit momentum: ``exp_avgs[i]`` holds int8 codes and ``exp_avg_scales[i]`` the per-block
-    scales (``lionopt.kernels.quantized``; None for an ordinary momentum). ``rounding_keys``:
+    scales (``lionopt.state.int8``; None for an ordinary momentum). ``rounding_keys``:
     one 32-bit key per tensor (``lionopt.kernels.rounding.rounding_key(seed, step, index)``)
     to round bf16 parameters stochastically; None rounds to nearest.
     """
@@ -78,6 +78,10 @@ def lion(
         raise ValueError("`fused` and `foreach` cannot be `True` together.")
     if rounding_keys is not None and any(p.dtype == torch.float16 for p in params):
         raise ValueError("stochastic rounding is implemented for bfloat16 parameters, not float16")
+    if exp_avg_scales is not None and len(exp_avg_scales) != len(params):
+        raise ValueError(
+            f"exp_avg_scales must have one entry per parameter, got {len(exp_avg_scales)}"
+        )
     compiling = torch.compiler.is_compiling()
     if isinstance(lr, Tensor) and not compiling:
         lr = lr.item()
@@ -93,131 +97,114 @@ def lion(
     )
     if not params:
         return
-    if sharded.any_dtensor(params, grads, exp_avgs):
-        # FSDP2 / DTensor: every implementation runs on the local shards (never data_ptr() of
-        # a DTensor); whole-tensor statistics are reduced over the mesh.
-        sharded.sharded_lion(
-            lion,
-            params,
-            grads,
-            exp_avgs,
-            hyper=hyper,
-            foreach=foreach,
-            fused=fused,
-            exp_avg_scales=exp_avg_scales,
-            rounding_keys=rounding_keys,
+    finish = None
+    if dtensor.any_dtensor(params, grads, exp_avgs):  # FSDP2: steps run on the local shards
+        dtensor.check_group(
+            params, grads, exp_avgs, exp_avg_scales, rounding=rounding_keys is not None
         )
-        return
-    if compiling and exp_avg_scales is None:
-        # Inductor fuses the foreach ops itself; the compiled kernels are opaque to it.
-        impl = single_tensor_lion if foreach is False else multi_tensor_lion
-        impl(params, grads, exp_avgs, hyper)
-        return
+        params, hyper, finish = dtensor.stage_rounding(params, hyper)
+    impl = resolve_impl(foreach, fused, compiling)
+    fallback = SINGLE if foreach is False else MULTI
+    count = len(params)
+    for group in group_tensors(params, grads, exp_avgs, exp_avg_scales):
+        group_hyper = hyper.subset(group.indices, count) if len(group) != count else hyper
+        step_group(group, group_hyper, impl, fallback=fallback, explicit=bool(fused))
+    if finish is not None:
+        finish()
+
+
+def resolve_impl(foreach: bool | None, fused: bool | None, compiling: bool = False) -> str:
+    """``"single"``, ``"multi"`` or ``"fused"`` from the tri-state flags (torch's semantics).
+
+    Under ``torch.compile`` the compiled kernels are opaque to the tracer, so ``None`` means
+    foreach there (Inductor fuses the foreach ops itself).
+    """
+    if foreach is False and (fused is False or compiling):
+        return SINGLE
+    if foreach or fused is False or compiling:
+        return MULTI
+    return FUSED
+
+
+def step_group(
+    group: TensorGroup,
+    hyper: LionHyper,
+    impl: str,
+    *,
+    fallback: str = MULTI,
+    explicit: bool = False,
+) -> None:
+    """Step one group with ``impl``; a group no fused backend takes goes to ``fallback``."""
+    if impl == FUSED:
+        fusable = group.fusable and (group.stats.local or not hyper.cautious)
+        backend = registry.select(group, hyper, explicit=explicit) if fusable else None
+        if backend is not None:
+            backend.step(group, hyper)
+            return
+        impl = fallback
+    if impl == SINGLE:
+        single_tensor(group, hyper)
+    else:
+        multi_tensor(group, hyper)
+
+
+def group_tensors(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_scales: Sequence[Tensor | None] | None = None,
+) -> list[TensorGroup]:
+    """Cut parallel lists into ``TensorGroup``s of one device, dtype triple and momentum kind.
+
+    The one place where lists become groups (see the module docstring). A momentum is 8-bit
+    where ``exp_avg_scales[i]`` is a tensor.
+    """
+    if exp_avg_scales is not None and all(s is None for s in exp_avg_scales):
+        exp_avg_scales = None
+    if dtensor.any_dtensor(params, grads, exp_avgs):
+        return dtensor.group_tensors(params, grads, exp_avgs, exp_avg_scales)
     if (
-        fused is not False
-        and foreach is not True
-        and exp_avg_scales is None
-        and rounding_keys is None
-        and params[0].is_cpu
-        and cpu_dispatch.lists_step(params, grads, exp_avgs, hyper)
+        exp_avg_scales is None
+        and exp_avgs[0].dtype != torch.int8
+        and _uniform(params, "device")
+        and all(_uniform(tensors, "dtype") for tensors in (params, grads, exp_avgs))
     ):
-        return  # one C++ call checked every tensor and ran the fused CPU kernel
-
-    for (device_type, dtypes), (indices, group) in _group_by_device_and_dtype(
-        params, grads, exp_avgs
-    ).items():
-        group_hyper = hyper if _is_scalar_lr(lr) else _with_lrs(hyper, [lr[i] for i in indices])
-        if rounding_keys is not None:
-            group_hyper = replace(group_hyper, rounding_keys=[rounding_keys[i] for i in indices])
-        if dtypes[3] == torch.int8:  # 8-bit blockwise momentum
-            if exp_avg_scales is None:
-                raise ValueError("int8 exp_avgs (8-bit momentum) need their exp_avg_scales")
-            scales = [exp_avg_scales[i] for i in indices]
-            quantized_lion(*group, scales, group_hyper, foreach=foreach, fused=fused)
-            continue
-        if fused is not False and foreach is not True:
-            rounds = rounding_keys is not None and dtypes[1] == torch.bfloat16
-            backend = _fused_backend(device_type, explicit=bool(fused), rounding=rounds)
-            supported = backend is not None and backend.supports(*group, group_hyper)
-            if not rounds and backend is not None and not supported:
-                # The rounding kernel also covers a few more dtype pairs (fp32 θ, bf16 m).
-                other = _fused_backend(device_type, explicit=False, rounding=True)
-                if other is not None and other.supports(*group, group_hyper):
-                    backend, supported = other, True
-            if supported:
-                backend.lion_step(*group, group_hyper)
-                continue
-            if fused:
-                _warn_once(
-                    f"lionopt: fused=True is not supported for these {device_type} tensors "
-                    "(dtype, layout or options); using the foreach path."
-                )
-        if foreach is False:
-            single_tensor_lion(*group, group_hyper)
-        else:
-            multi_tensor_lion(*group, group_hyper)
-
-
-def _is_scalar_lr(lr: object) -> bool:
-    return isinstance(lr, (int, float, Tensor))
-
-
-def _with_lrs(hyper: LionHyper, lrs: list[float]) -> LionHyper:
-    return LionHyper(**{**hyper.__dict__, "lr": lrs})
-
-
-def _group_by_device_and_dtype(
-    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]
-) -> dict[tuple, tuple[list[int], tuple[list[Tensor], list[Tensor], list[Tensor]]]]:
-    if all(_uniform(tensors, "dtype") for tensors in (params, grads, exp_avgs)) and _uniform(
-        params, "device"
-    ):
-        p = params[0]
-        key = (p.device.type, (p.device, p.dtype, grads[0].dtype, exp_avgs[0].dtype))
-        return {key: (list(range(len(params))), (params, grads, exp_avgs))}
-    groups: dict[tuple, tuple[list[int], tuple[list[Tensor], list[Tensor], list[Tensor]]]] = {}
+        indices = list(range(len(params)))
+        return [TensorGroup(params, grads, exp_avgs, PLAIN_KIND, None, indices, stats_for(params))]
+    groups: dict[tuple, TensorGroup] = {}
     for i, (p, g, m) in enumerate(zip(params, grads, exp_avgs)):
-        key = (p.device.type, (p.device, p.dtype, g.dtype, m.dtype))
-        indices, lists = groups.setdefault(key, ([], ([], [], [])))
-        indices.append(i)
-        for tensors, t in zip(lists, (p, g, m)):
-            tensors.append(t)
-    return groups
+        scale = None if exp_avg_scales is None else exp_avg_scales[i]
+        kind = PLAIN_KIND if scale is None else INT8_KIND
+        if kind == PLAIN_KIND and m.dtype == torch.int8:
+            raise ValueError("int8 exp_avgs (8-bit momentum) need their exp_avg_scales")
+        key = (p.device, p.dtype, g.dtype, m.dtype, kind)
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = TensorGroup(
+                [], [], [], kind, None if scale is None else [], [], stats_for((p,))
+            )
+        group.params.append(p)
+        group.grads.append(g)
+        group.momenta.append(m)
+        group.indices.append(i)
+        if scale is not None:
+            group.scales.append(scale)
+    return list(groups.values())
+
+
+def stats_for(params: Sequence[Tensor]) -> LocalStats:
+    """The statistics object for these parameters: where whole-tensor figures are computed.
+
+    ``LocalStats`` (each tensor is whole in this process). ``group_tensors`` gives it to every
+    group, and Tiger and the diagnostics ask for it, so a sharded setup changes this one
+    function to return an implementation that reduces over the mesh: ``MeshStats`` for lists
+    holding DTensors (FSDP2).
+    """
+    if dtensor.any_dtensor(params):
+        return dtensor.MeshStats()
+    return LOCAL_STATS
 
 
 def _uniform(tensors: list[Tensor], attribute: str) -> bool:
     """Whether every tensor has the same ``attribute`` (the fast path of the grouping)."""
     return len(set(map(attrgetter(attribute), tensors))) == 1
-
-
-def _fused_backend(device_type: str, explicit: bool, rounding: bool = False):
-    """The fused-kernel module for a device type, or None where it cannot run here.
-
-    ``rounding``: the group's bf16 weights are rounded stochastically (a kernel of its own).
-    """
-    module_name = (_ROUNDING_BACKENDS if rounding else _FUSED_BACKENDS).get(device_type)
-    if module_name is None:
-        return None
-    backend = _import_backend(module_name)
-    if backend is None or not backend.available():
-        if explicit:
-            _warn_once(
-                f"lionopt: the fused {device_type} kernel is not available; using the foreach path."
-            )
-        return None
-    return backend
-
-
-@cache
-def _import_backend(module_name: str):
-    import importlib
-
-    try:
-        return importlib.import_module(module_name)
-    except ImportError:
-        return None
-
-
-@cache
-def _warn_once(message: str) -> None:
-    warnings.warn(message, RuntimeWarning, stacklevel=3)

@@ -1,4 +1,10 @@
-"""Hyperparameter rules for Lion: translating AdamW settings, the Amos-derived rule, and groups.
+"""Hyperparameter rules for Lion: translating AdamW settings, calibration, Amos, and groups.
+
+- ``from_adamw(lr, wd)``: the factor rule (lr / 3, wd x 3); right when AdamW's lr is tuned.
+- ``calibrate(model, loss_fn, batches, adamw_lr, adamw_wd)``: measures the factor on your
+  model from ~100 AdamW steps on a copy (Lion lr = AdamW lr x RMS of AdamW's update).
+- ``decay_groups(model, wd)``: decay for weight matrices (and embeddings), none for biases
+  and norm gains, for AdamW and Lion alike; ``param_groups`` adds Lion-specific options.
 
 Rules of thumb (Chen et al. 2023, arXiv 2302.06675, and the analysis at kexue.fm/archives/9473):
 
@@ -34,8 +40,9 @@ Rules of thumb (Chen et al. 2023, arXiv 2302.06675, and the analysis at kexue.fm
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,10 +52,14 @@ from torch import nn
 __all__ = [
     "DEFAULT_FACTOR",
     "AmosRule",
+    "adamw_update_rms",
     "amos",
+    "calibrate",
     "classify_parameters",
+    "decay_groups",
     "equilibrium_rms",
     "from_adamw",
+    "measure_adamw_update_rms",
     "param_groups",
 ]
 
@@ -88,6 +99,14 @@ def from_adamw(lr: float, weight_decay: float = 0.0, factor: float = DEFAULT_FAC
 
     Returns ``{"lr": lr / factor, "weight_decay": weight_decay * factor}``, ready to be passed as
     keyword arguments: ``Lion(params, **from_adamw(1e-3, 0.01))``.
+
+    The rule assumes ``lr`` is AdamW's *tuned* lr. Evidence (``lionopt compare``, lr tuned on
+    a held-out split, 3 seeds): Lion's tuned lr was 1/3 of AdamW's tuned lr on both shipped
+    tasks, so factor 3 applied to a tuned AdamW lr lands on Lion's optimum. Applied to an
+    AdamW lr that is itself 3-30x below AdamW's optimum (a library default such as 1e-3 on a
+    short run), it inherits that error and Lion loses for the wrong reason. When you do not
+    know whether your AdamW lr is tuned, ``calibrate`` measures the factor on your model from
+    ~100 AdamW steps instead.
     """
     lr = _check_positive_finite("learning rate", lr)
     factor = _check_positive_finite("factor", factor)
@@ -265,3 +284,145 @@ def param_groups(
     if embedding_group["params"]:
         groups.append(embedding_group)
     return groups
+
+
+def decay_groups(
+    model: nn.Module, weight_decay: float, *, embeddings: str = "decay"
+) -> list[dict[str, Any]]:
+    """Parameter groups for any optimizer: decay weight matrices, not biases or norm gains.
+
+    Returns ``[{"name": "decay", "params": [...], "weight_decay": weight_decay},
+    {"name": "no_decay", "params": [...], "weight_decay": 0.0}]`` (empty groups left out), with
+    no ``lr`` key, so the optimizer's own ``lr`` and any scheduler apply to every group:
+    ``torch.optim.AdamW(decay_groups(model, 0.1), lr=3e-3)`` or
+    ``Lion(decay_groups(model, 0.3), lr=1e-3)``. Kinds are those of ``classify_parameters``.
+
+    ``embeddings`` decides the embedding tables (``nn.Embedding``/``EmbeddingBag``):
+    ``"decay"`` (default) puts them with the weight matrices, ``"no_decay"`` with the biases.
+    The default is deliberate for Lion: Lion moves every coordinate by lr whenever the sign of
+    its momentum is non-zero, so a rarely seen row, whose momentum decays but keeps its sign,
+    keeps walking; weight decay is what bounds it (|θ| ≤ 1/λ). Users report embedding norms
+    that grow under Lion until training breaks, and that Adam-type optimizers keep stable
+    (kexue.fm/archives/9473, comments); without decay nothing stops that growth. If decay is
+    not enough on your model, move the embeddings to AdamW with
+    ``param_groups(..., split_embeddings=True)``.
+    """
+    weight_decay = _check_weight_decay(weight_decay)
+    if embeddings not in ("decay", "no_decay"):
+        raise ValueError(f"Invalid embeddings choice: {embeddings!r} (use 'decay' or 'no_decay')")
+    kinds = classify_parameters(model)
+    decay = kinds["weight"] + (kinds["embedding"] if embeddings == "decay" else [])
+    no_decay = kinds["bias"] + kinds["gain"] + (kinds["embedding"] if embeddings == "no_decay" else [])
+    groups = [
+        {"name": "decay", "params": decay, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+    ]
+    return [group for group in groups if group["params"]]
+
+
+def measure_adamw_update_rms(
+    model: nn.Module,
+    step_fn: Callable[[nn.Module, torch.optim.Optimizer, int], Any],
+    adamw_lr: float,
+    adamw_wd: float = 0.0,
+    steps: int = 100,
+) -> float:
+    """``adamw_update_rms`` for a training loop of your own: ``step_fn(model, optimizer, i)``
+    performs step ``i`` (forward, backward, ``optimizer.step()``) on the copy it is given, and
+    may return ``False`` to stop early (no more data)."""
+    adamw_lr = _check_positive_finite("learning rate", adamw_lr)
+    adamw_wd = _check_weight_decay(adamw_wd)
+    if isinstance(steps, bool) or int(steps) != steps or steps < 1:
+        raise ValueError(f"Invalid steps: {steps}")
+    work = copy.deepcopy(model)
+    work.train()
+    params = [p for p in work.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=adamw_lr, weight_decay=adamw_wd)
+    beta1, beta2 = optimizer.defaults["betas"]
+    eps = optimizer.defaults["eps"]
+    square_sum, count, done = 0.0, 0, 0
+    devices = [] if not torch.cuda.is_available() else None
+    with torch.random.fork_rng(devices=devices):
+        for i in range(int(steps)):
+            if step_fn(work, optimizer, i) is False:
+                break
+            done += 1
+            for p in params:
+                state = optimizer.state.get(p)
+                if not state:
+                    continue  # no gradient yet
+                t = float(state["step"])
+                m_hat = state["exp_avg"] / (1 - beta1**t)
+                v_hat = state["exp_avg_sq"] / (1 - beta2**t)
+                update = m_hat / (v_hat.sqrt() + eps)
+                square_sum += float(update.double().square().sum())
+                count += update.numel()
+    if done == 0:
+        raise ValueError("calibrate: batches is empty")
+    if count == 0:
+        raise ValueError("calibrate: no parameter received a gradient")
+    return math.sqrt(square_sum / count)
+
+
+def adamw_update_rms(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    batches: Iterable[Any],
+    adamw_lr: float,
+    adamw_wd: float = 0.0,
+    steps: int = 100,
+) -> float:
+    """RMS of AdamW's per-coordinate update m̂/(√v̂ + ε) over its first ``steps`` steps.
+
+    Trains a deep copy of ``model`` with ``torch.optim.AdamW(lr=adamw_lr,
+    weight_decay=adamw_wd)`` on the first ``steps`` batches of ``batches`` (fewer if it ends
+    sooner) and pools the squared update of every coordinate of every step. ``model``, its
+    gradients and the global RNG state are left as they were. Lion's step has RMS 1, so this
+    is the ratio of AdamW's step size to Lion's at the same lr.
+    """
+    iterator = iter(batches)
+
+    def step_fn(work, optimizer, i):
+        batch = next(iterator, _END)
+        if batch is _END:
+            return False
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(work, batch)
+        if not torch.isfinite(loss):
+            raise ValueError(f"calibrate: the loss is {loss.item()} at AdamW step {i + 1}")
+        loss.backward()
+        optimizer.step()
+        return True
+
+    return measure_adamw_update_rms(model, step_fn, adamw_lr, adamw_wd, steps)
+
+
+_END = object()
+
+
+def calibrate(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    batches: Iterable[Any],
+    adamw_lr: float,
+    adamw_wd: float,
+    steps: int = 100,
+) -> dict[str, float]:
+    """Lion's lr and weight decay for ``model``, measured from ``steps`` AdamW steps.
+
+    ``loss_fn(model, batch)`` returns the scalar loss of one batch; ``batches`` is an iterable
+    of at least one batch (the first ``steps`` are used). AdamW runs on a deep copy, so
+    ``model`` is untouched. Returns ``{"lr": adamw_lr * rms, "weight_decay": adamw_lr *
+    adamw_wd / lr}``: Lion's lr is AdamW's lr times the RMS of AdamW's per-coordinate update
+    (``adamw_update_rms``), so both take steps of the same size, and the per-step decay lr·λ
+    stays AdamW's. ``lionopt compare`` reports this "Lion calibrated" row next to Lion tuned
+    on its own lr grid. The implied factor 1/rms lies between ~1 (consistent gradients) and
+    ~4.4 (noise-dominated ones), see this module's docstring.
+    """
+    rms = adamw_update_rms(model, loss_fn, batches, adamw_lr, adamw_wd, steps)
+    if not rms > 0.0:
+        raise ValueError("calibrate: AdamW's update is zero (are the gradients all zero?)")
+    lr = float(adamw_lr) * rms
+    return {"lr": lr, "weight_decay": float(adamw_lr) * float(adamw_wd) / lr}

@@ -164,15 +164,9 @@ def _momentum(opt, p):
     """fp32 view of p's momentum, whole tensor (the state_dict presentation for 8-bit)."""
     state = opt.state[p]
     if "exp_avg_scale" in state:
-        from lionopt.kernels.quantized import momentum_tensor
+        from lionopt.state.formats import fp32_view
 
-        if isinstance(p, DTensor):
-            from lionopt.distributed.sharded import present_state
-
-            sd = present_state(opt, opt.state_dict())
-            index = next(i for i, q in enumerate(_params(opt)) if q is p)
-            return sd["state"][index]["exp_avg"].full_tensor()
-        return momentum_tensor(state, p)
+        return _full(fp32_view(state, p))
     return _full(state["exp_avg"]).float()
 
 

@@ -9,7 +9,7 @@ Method, per preset:
   The figure is the median over ``steps`` rounds (CUDA: synchronised before and after).
 - Effective GB/s = the bytes an ideal fused kernel moves (Lion: read θ, g, m, write θ, m =
   20 B/param in fp32; AdamW: 28 B) / the median time.
-- Roofline: on CPU, ``lionopt.kernels.fused_cpu.streamer``, a C++ kernel that reads three
+- Roofline: on CPU, ``lionopt.kernels.cpu.plain.streamer``, a C++ kernel that reads three
   arrays and writes two over the same tensors with the same threads and split as the fused
   Lion step but does no math, with its pointer table built once before timing (so the
   roofline holds no Python work per tensor, and Lion's own bookkeeping counts against it);
@@ -179,7 +179,7 @@ def run_preset(
 def _roofline(params: list[Tensor], device: str) -> tuple[Step, str, int]:
     """A step that streams memory like an ideal Lion step, its description, and its bytes."""
     if device == "cpu":
-        from lionopt.kernels import fused_cpu
+        from lionopt.kernels.cpu import plain as fused_cpu
 
         if fused_cpu.available():
             thetas = [p.detach().clone() for p in params]
@@ -204,7 +204,7 @@ def _roofline(params: list[Tensor], device: str) -> tuple[Step, str, int]:
 
 
 def _stream_hyper():
-    from lionopt.kernels._common import LionHyper
+    from lionopt.kernels.hyper import LionHyper
 
     return LionHyper(lr=0.0, beta1=0.0, beta2=0.0, weight_decay=0.0)
 

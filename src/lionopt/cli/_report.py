@@ -172,7 +172,7 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
 # --- compare -------------------------------------------------------------------------------
 
 COMPARE_HEADERS = [
-    "optimizer",
+    "row",
     "lr",
     "wd",
     "final val",
@@ -183,6 +183,12 @@ COMPARE_HEADERS = [
     "train step ms",
     "wall s/run",
 ]
+
+
+def row_title(row: str) -> str:
+    from lionopt.tasks.study import row_title as title
+
+    return title(row)
 
 
 def fmt_reach(reach: dict) -> str:
@@ -202,7 +208,7 @@ def compare_rows(task: dict) -> list[list[str]]:
         hp = s["hparams"]
         rows.append(
             [
-                name,
+                row_title(name),
                 fmt_number(hp.get("lr", float("nan"))),
                 fmt_number(hp.get("weight_decay", float("nan"))),
                 fmt_stat(s["final_metric"], task["metric"]),
@@ -217,9 +223,43 @@ def compare_rows(task: dict) -> list[list[str]]:
     return rows
 
 
+def tuning_lines(task: dict) -> list[str]:
+    """One line per tuned optimizer (grid, tune-split metric per point, choice), calibration."""
+    lines = []
+    metric = task["metric"]
+    for name, t in (task.get("tuning") or {}).items():
+        if not t.get("tune_metric"):
+            continue
+        points = ", ".join(
+            f"{fmt_number(lr)}: {fmt_value(v, metric) if v is not None else 'diverged'}"
+            for lr, v in zip(t["lr_grid"], t["tune_metric"])
+        )
+        chosen = "none (every point failed)" if t["lr"] is None else fmt_number(t["lr"])
+        text = (
+            f"Tuning {name} ({t['steps']} steps on the tune split, seeds {t['seeds']}): "
+            f"lr {points}; chosen {chosen}"
+        )
+        if t.get("extensions"):
+            text += f" (grid extended {t['extensions']}x at an edge)"
+        if t.get("at_edge"):
+            text += "; still at the grid's edge: the optimum may lie beyond it"
+        lines.append(text + ".")
+    cal = task.get("calibration")
+    if cal:
+        lines.append(
+            f"Calibration: {cal['steps']} AdamW steps at lr {fmt_number(cal['adamw_lr'])}: "
+            f"RMS of AdamW's update {cal['adamw_update_rms']:.3f}, so Lion lr "
+            f"{fmt_number(cal['lr'])} (factor {1 / cal['adamw_update_rms']:.2f}), weight decay "
+            f"{fmt_number(cal['weight_decay'])}."
+        )
+    if task.get("reused_from"):
+        lines.append(f"Hyperparameters reused from {task['reused_from']} (no tuning in this run).")
+    return lines
+
+
 def task_heading(task: dict) -> str:
     head = f"{task['name']}: {task['title']}"
-    if task["status"] in ("skipped", "not run"):
+    if task["status"] in ("skipped", "not run", "failed") and not task.get("runs"):
         return f"{head} - {task['status']}" + (f": {task['reason']}" if task["reason"] else "")
     seeds = len(task["seeds"])
     return (
@@ -232,7 +272,10 @@ def task_heading(task: dict) -> str:
 def _join_with_footer(parts: list[str], report: dict) -> str:
     """The text report's lines, then its wall time and whether it was interrupted."""
     if report.get("wall_s") is not None:
-        parts.append(f"Total wall time: {report['wall_s']:.0f} s")
+        text = f"Total wall time: {report['wall_s']:.0f} s"
+        if report.get("cpu_s") is not None:
+            text += f" (CPU time of this process and its workers: {report['cpu_s']:.0f} s)"
+        parts.append(text)
     if report["interrupted"]:
         parts.append("INTERRUPTED: the report holds only the runs that finished.")
     return "\n".join(parts).rstrip() + "\n"
@@ -244,39 +287,75 @@ def compare_text(report: dict) -> str:
         parts.append(task_heading(task))
         if task.get("summary"):
             parts.append(text_table(COMPARE_HEADERS, compare_rows(task)))
+        parts += tuning_lines(task)
         parts += task.get("verdict", [])
         parts.append("")
     return _join_with_footer(parts, report)
 
 
+def protocol_line(cfg: dict) -> str:
+    common = (
+        "per seed, every row starts from the same initial weights and sees the same batches in "
+        "the same order; same lr schedule (5% linear warmup, cosine to 10%); weight decay "
+        + {
+            "groups": "on weight matrices and embeddings, not on biases and norm gains "
+            "(`lionopt.hparams.decay_groups`)",
+            "all": "on every parameter",
+            "groups-no-embedding": "on weight matrices only (not on embeddings, biases, norms)",
+        }[cfg.get("decay", "all")]
+        + ". "
+    )
+    if cfg.get("no_tune"):
+        return (
+            "- Protocol (one-shot, `--no-tune`): "
+            + common
+            + "AdamW uses the task's standard hyperparameters; Lion uses `from_adamw` of them "
+            f"(lr / {cfg['factor']:g}, weight decay x {cfg['factor']:g}), not tuned."
+        )
+    return (
+        "- Protocol (tuned): "
+        + common
+        + "AdamW's lr is tuned on a log grid (extended where the best sits at an edge) on a "
+        "tune split held out of the training data, with runs "
+        f"{cfg.get('tune_length', 1):g}x the full length; its weight decay is the task's. "
+        "Rows, trained on the full training data and scored on the validation split: "
+        "**AdamW tuned**; **Lion translated** = `from_adamw` of tuned AdamW "
+        f"(factor {cfg['factor']:g}); **Lion calibrated** = `lionopt.hparams.calibrate` "
+        "(lr = AdamW lr x RMS of AdamW's update over 100 steps); **Lion tuned** = Lion's own "
+        "lr grid on the tune split. Every Lion row keeps AdamW's per-step decay lr·λ. "
+        "'Within noise': the difference of the means is at most 2 standard errors."
+    )
+
+
 def compare_markdown(report: dict, plots: dict[str, str]) -> str:
     cfg = report["config"]
+    wall = wall_line(report)
+    if report.get("cpu_s") is not None:
+        wall += f" (CPU time of this process and its workers: {report['cpu_s']:.0f} s)"
     lines = [
         "# Lion vs AdamW: `lionopt compare`",
         "",
         f"- Command: `{report['command']}`",
         f"- Date: {report['created']}",
-        f"- Machine: {machine_line(report['machine'])}",
-        f"- Wall time: {wall_line(report)}",
+        f"- Machine: {machine_line(report['machine'])}; {cfg.get('jobs', 1)} worker process(es)",
+        f"- Wall time: {wall}",
         f"- Optimizers: {', '.join(cfg['optimizers'])}; seeds: {cfg['seeds']}",
-        "- Protocol: per seed, every optimizer starts from the same initial weights and sees the "
-        "same batches in the same order; same lr schedule (5% linear warmup, cosine to 10%); "
-        "weight decay on all parameters. "
-        "AdamW uses the task's standard hyperparameters; Lion uses `from_adamw` of them "
-        f"(lr / {cfg['factor']:g}, weight decay x {cfg['factor']:g}), not tuned. 'Steps to AdamW final' is the first "
-        "evaluation step at which the optimizer's validation metric reaches AdamW's final "
-        "value for the same seed (mean over the seeds that reach it). Step times are means "
-        "over all steps but the first; 'opt state' is the summed `nbytes` of `optimizer.state`.",
+        protocol_line(cfg),
+        "- 'Steps to AdamW final' is the first evaluation step at which the row's validation "
+        "metric reaches AdamW's final value for the same seed (mean over the seeds that reach "
+        "it). Step times are means over all steps but the first; 'opt state' is the summed "
+        "`nbytes` of `optimizer.state`.",
     ]
     if report["interrupted"]:
         lines += ["", "**Interrupted: this report holds only the runs that finished.**"]
     for task in report["tasks"]:
         lines += ["", f"## {task_heading(task)}", ""]
-        if task["status"] in ("skipped", "not run"):
+        if task["status"] in ("skipped", "not run", "failed") and not task.get("runs"):
             continue
         lines += [f"Data: {task['source']} (licence: {task['licence']}).", ""]
         if task.get("summary"):
             lines += [markdown_table(COMPARE_HEADERS, compare_rows(task)), ""]
+        lines += [f"- {v}" for v in tuning_lines(task)]
         lines += [f"- {v}" for v in task.get("verdict", [])]
         if task["name"] in plots:
             lines += ["", f"![{task['name']} curves]({plots[task['name']]})"]
@@ -307,15 +386,26 @@ def compare_plots(report: dict, out_dir: Path) -> dict[str, str]:
     if plt is None:
         return written
     for task in report["tasks"]:
-        if not task.get("runs"):
+        if not task.get("summary"):
             continue
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
         for name in task["summary"]:
-            runs = [r for r in task["runs"] if r["optimizer"] == name]
+            runs = [
+                r
+                for r in task["runs"]
+                if r.get("row", r["optimizer"]) == name
+                and not r.get("error")
+                and not r["diverged"]
+            ]
+            if not runs:
+                continue
             steps = runs[0]["history"]["step"]
             for ax, key in zip(axes, ("train_loss", "val_metric")):
-                curves = torch.tensor([r["history"][key] for r in runs], dtype=torch.float64)
-                (line,) = ax.plot(steps, curves.mean(0).tolist(), label=name)
+                curves = torch.tensor(
+                    [[float("nan") if v is None else v for v in r["history"][key]] for r in runs],
+                    dtype=torch.float64,
+                )
+                (line,) = ax.plot(steps, curves.mean(0).tolist(), label=row_title(name))
                 if len(runs) > 1:
                     ax.fill_between(
                         steps,
@@ -388,7 +478,10 @@ def sweep_markdown(report: dict, plots: dict[str, str]) -> str:
         f"them); seeds: {cfg['seeds']}; "
         f"batch sizes: {cfg['batch_sizes'] or 'the task default'} (same number of "
         "training examples at every batch size, so larger batches take fewer steps).",
-        "- Robustness: the share of grid cells whose final validation metric is within "
+        "- Split: every cell trains on the tune split (the training data minus a held-out "
+        "part) and is scored on that held-out part, as `lionopt compare` tunes; the "
+        "validation split is not used. Weight decay skips biases and norm gains.",
+        "- Robustness: the share of grid cells whose final tune-split metric is within "
         f"{100 * cfg['tolerance']:.0f}% (relative) of that optimizer's best cell. "
         "A cell shown as '-' diverged (non-finite loss) or has not run yet.",
     ]

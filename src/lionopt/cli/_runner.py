@@ -158,20 +158,23 @@ def finish(
     report: dict,
     args: argparse.Namespace,
     started: float,
-    write: Callable[..., None],
+    write: Callable[..., list[str]],
     text: Callable[[dict], str],
-    files: str,
 ) -> int:
-    """Close a report: final files, the table (or JSON) on stdout; 130 when interrupted."""
+    """Close a report: final files, the table (or JSON) on stdout; 130 when interrupted.
+
+    ``write(report, out, plots=True)`` returns the names of the files it wrote; the last line
+    lists exactly those (no "PNG plots" when matplotlib was missing).
+    """
     report["complete"] = not report["interrupted"]
     report["wall_s"] = round(time.perf_counter() - started, 1)
-    write(report, args.out, plots=True)
+    written = write(report, args.out, plots=True)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         print(text(report), end="")
         if args.out:
-            print(f"Report written to {args.out}/{files}.")
+            print(f"Report written to {args.out}/: {', '.join(written)}.")
     return 130 if report["interrupted"] else 0
 
 
@@ -197,18 +200,24 @@ def load_tasks(
 class Progress:
     """A tqdm bar on stderr, or nothing when stderr is not a terminal or it is disabled."""
 
-    def __init__(self, total: int, enabled: bool, desc: str):
+    def __init__(self, total: int, enabled: bool, desc: str, unit: str = "step"):
         self.bar = None
         if enabled and sys.stderr.isatty():
             try:
                 from tqdm import tqdm
             except ImportError:  # progress is optional: the [compare] extra installs tqdm
                 return
-            self.bar = tqdm(total=total, desc=desc, file=sys.stderr, unit="step", leave=False)
+            self.bar = tqdm(total=total, desc=desc, file=sys.stderr, unit=unit, leave=False)
 
     def update(self) -> None:
         if self.bar is not None:
             self.bar.update()
+
+    def add(self, n: int) -> None:
+        """More work became known (the tuned protocol adds runs as tuning finishes)."""
+        if self.bar is not None:
+            self.bar.total += n
+            self.bar.refresh()
 
     def describe(self, text: str) -> None:
         if self.bar is not None:

@@ -157,7 +157,8 @@ def _fused_cpu_build(device: str) -> dict | None:
     long that took (the dispatch builds in the background in training; here we wait for it)."""
     if device != "cpu":
         return None
-    from lionopt.kernels import cpu_dispatch, fused_cpu
+    from lionopt.kernels.cpu import dispatch as cpu_dispatch
+    from lionopt.kernels.cpu import plain as fused_cpu
 
     build = {"available": fused_cpu.available(), **fused_cpu.build_info()}
     build["dispatch"] = {"available": cpu_dispatch.wait(), **cpu_dispatch.build_info()}

@@ -2,10 +2,13 @@
 
 Each optimizer's grid is centred on its own default (AdamW: the task's standard values; Lion:
 ``from_adamw`` of them) and every cell is trained with the compare protocol
-(:func:`lionopt.tasks.protocol.train_run`). The report draws the final validation metric as a
-heatmap and gives a robustness number: the share of cells within 2% (relative) of the
-optimizer's best cell. ``--batch-sizes`` repeats the grid per batch size at a fixed number of
-training examples, and reports each optimizer's best cell per batch size.
+(:func:`lionopt.tasks.protocol.train_run`) on the task's *tune* split: the training data minus
+a held-out part, scored on that part, as ``lionopt compare`` tunes, so the validation split
+stays unseen. The report draws the final tune-split metric as a heatmap and gives a
+robustness number: the share of cells within 2% (relative) of the optimizer's best cell.
+``--batch-sizes`` repeats the grid per batch size at a fixed number of training examples, and
+reports each optimizer's best lr per batch size (Lion's moves with the batch far more than
+AdamW's).
 """
 
 from __future__ import annotations
@@ -89,6 +92,8 @@ def resolve_config(args: argparse.Namespace) -> dict:
         "evals": args.evals or DEFAULT_EVALS,
         "factor": args.factor,
         "tolerance": TOLERANCE,
+        "split": "tune",
+        "decay": "groups",
         "quick": quick,
         "device": args.device,
     }
@@ -198,33 +203,45 @@ def block_verdict(task: Task, block: dict, config: dict) -> list[str]:
 
 
 def task_verdict(task: Task, entry: dict) -> list[str]:
-    """Batch-size ablation: each optimizer's best final metric per batch size."""
+    """Batch-size ablation: each optimizer's best lr and final metric per batch size."""
     blocks = [b for b in entry["batch_sizes"] if b.get("best")]
     if len(blocks) < 2:
         return []
     parts = []
     for b in blocks:
         bests = ", ".join(
-            f"{name} {_report.fmt_value(best['final_metric'], task.metric)}"
+            f"{name} {_report.fmt_value(best['final_metric'], task.metric)} at lr "
+            f"{_report.fmt_number(best['lr'])}"
             for name, best in b["best"].items()
         )
         parts.append(f"batch {b['batch_size']}: {bests}")
-    return ["Batch-size ablation (best cell per batch size): " + "; ".join(parts) + "."]
+    lines = ["Batch-size ablation (best cell per batch size): " + "; ".join(parts) + "."]
+    for name in entry["batch_sizes"][0].get("best", {}):
+        lrs = [b["best"][name]["lr"] for b in blocks if name in b["best"]]
+        if len(lrs) >= 2:
+            lines.append(
+                f"{name}'s best lr across batch sizes: "
+                + " -> ".join(_report.fmt_number(v) for v in lrs)
+                + f" ({max(lrs) / min(lrs):.3g}x range)."
+            )
+    return lines
 
 
-def write(report: dict, out: str | None, *, plots: bool) -> None:
+def write(report: dict, out: str | None, *, plots: bool) -> list[str]:
     if not out:
-        return
+        return []
     out_dir = Path(out)
     written = _report.sweep_heatmaps(report, out_dir) if plots else {}
     _report.write_outputs(out_dir, "sweep", report, _report.sweep_markdown(report, written))
+    return ["sweep.md", "sweep.json", *written.values()]
 
 
 def train_all(
     report: dict, loaded, entries: dict, config: dict, grid, device, progress: Progress, out
 ) -> None:
     """Train every (task, batch size, seed, optimizer, cell), updating ``entries`` and files."""
-    for task, data in loaded:
+    for task, full in loaded:
+        data = task.tune_data(full)  # tune on held-out training data, never on validation
         entry = entries[task.name]
         entry["status"] = "running"
         for block in entry["batch_sizes"]:
@@ -243,6 +260,7 @@ def train_all(
                             factor=config["factor"],
                             lr_scale=lr_mult,
                             wd_scale=wd_mult,
+                            decay=config["decay"],
                             on_step=progress.update,
                         )
                         record = result.to_dict()
@@ -308,6 +326,4 @@ def run(args: argparse.Namespace) -> int:
             has_runs = any(b["runs"] for b in entry["batch_sizes"])
             entry["status"] = "partial" if has_runs else "not run"
             entry["verdict"] = task_verdict(task, entry)
-    return finish(
-        report, args, started, write, _report.sweep_text, "sweep.md, sweep.json and heatmap PNGs"
-    )
+    return finish(report, args, started, write, _report.sweep_text)

@@ -1,9 +1,15 @@
-"""Implementations of one Lion step over lists of tensors.
+"""Implementations of one Lion step over a ``TensorGroup`` (``kernels.group``).
 
-- ``reference``: the per-tensor loop, the definition every other path is tested against;
+- ``reference``: the per-tensor loop, the definition every other path is tested against
+  (also over 8-bit momentum: dequantise, the reference step in fp32, requantise);
 - ``foreach``: the same math with ``torch._foreach_*`` ops, a few launches per group;
-- ``fused_cpu``: a compiled one-pass kernel for CPU tensors;
-- ``triton_lion``: a one-launch multi-tensor Triton kernel for CUDA tensors.
+- ``registry``: the fused backends, ``Backend`` records that ``cpu/`` (C++ kernels) and
+  ``triton/`` (CUDA) register when imported, which this package does;
+- ``hyper``: ``LionHyper``, the step's hyperparameters; ``rounding``: stochastic rounding.
 
-All of them share one signature (see ``lionopt.functional.lion``) and update in place.
+Kernels never import the optimizers (``lionopt.optim``) or the functional API.
 """
+
+from lionopt.kernels import cpu, registry, triton
+
+__all__ = ["cpu", "registry", "triton"]

@@ -10,13 +10,54 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lionopt.kernels._common import LionHyper, cautious_scale, is_low_precision
+from lionopt.kernels.group import TensorGroup
+from lionopt.kernels.hyper import LionHyper, cautious_scale, is_low_precision
 from lionopt.kernels.rounding import store_params
+from lionopt.state.int8 import BLOCK, dequantize, quantize_into
+
+__all__ = ["multi_tensor", "multi_tensor_lion", "quantized_lion_foreach"]
+
+
+def multi_tensor(group: TensorGroup, hyper: LionHyper) -> None:
+    """The multi-tensor body of ``functional.lion``: one group, plain or 8-bit momentum."""
+    if group.scales is None:
+        multi_tensor_lion(group.params, group.grads, group.momenta, hyper, stats=group.stats)
+    else:
+        quantized_lion_foreach(
+            group.params, group.grads, group.momenta, group.scales, hyper, stats=group.stats
+        )
+
+
+def quantized_lion_foreach(
+    params: list[Tensor],
+    grads: list[Tensor],
+    codes: list[Tensor],
+    scales: list[Tensor],
+    hyper: LionHyper,
+    *,
+    stats=None,
+) -> None:
+    """8-bit momentum, the whole group at once: one dequantise, the foreach step, one quantise."""
+    values = dequantize(torch.cat(codes), torch.cat(scales))
+    pieces = values.split([code.numel() for code in codes])
+    moments = [piece[: p.numel()].view(p.shape) for piece, p in zip(pieces, params)]
+    multi_tensor_lion(params, grads, moments, hyper, stats=stats)
+    all_codes = torch.empty(values.numel(), dtype=torch.int8, device=values.device)
+    all_scales = torch.empty(values.numel() // BLOCK, dtype=torch.float32, device=values.device)
+    quantize_into(values, all_codes, all_scales)
+    torch._foreach_copy_(codes, list(all_codes.split([c.numel() for c in codes])))
+    torch._foreach_copy_(scales, list(all_scales.split([s.numel() for s in scales])))
 
 
 def multi_tensor_lion(
-    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], hyper: LionHyper
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    hyper: LionHyper,
+    *,
+    stats=None,
 ) -> None:
+    """The reference step with ``torch._foreach_*`` ops (``stats``: see ``kernels.group``)."""
     if not params:
         return
     if torch.is_complex(params[0]):
@@ -44,7 +85,7 @@ def multi_tensor_lion(
         for i, (direction, grad) in enumerate(zip(directions, grads)):
             agree = (direction * grad > 0).to(direction.dtype)
             directions[i] = direction * agree
-            updates.append(directions[i] * cautious_scale(agree))
+            updates.append(directions[i] * cautious_scale(agree, stats))
 
     lr = hyper.lr if isinstance(hyper.lr, Tensor) else hyper.uniform_lr
     if hyper.weight_decay != 0:

@@ -19,18 +19,56 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lionopt.kernels._common import LionHyper, cautious_scale, is_low_precision
+from lionopt.kernels.group import TensorGroup
+from lionopt.kernels.hyper import LionHyper, cautious_scale, is_low_precision
 from lionopt.kernels.rounding import store_param
+from lionopt.state.int8 import dequantize, quantize_into
+
+__all__ = ["quantized_lion_loop", "single_tensor", "single_tensor_lion"]
+
+
+def single_tensor(group: TensorGroup, hyper: LionHyper) -> None:
+    """The single-tensor body of ``functional.lion``: one group, plain or 8-bit momentum."""
+    if group.scales is None:
+        single_tensor_lion(group.params, group.grads, group.momenta, hyper, stats=group.stats)
+    else:
+        quantized_lion_loop(
+            group.params, group.grads, group.momenta, group.scales, hyper, stats=group.stats
+        )
 
 
 def single_tensor_lion(
-    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], hyper: LionHyper
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    hyper: LionHyper,
+    *,
+    stats=None,
 ) -> None:
+    """The reference step, one tensor at a time (``stats``: see ``kernels.group``)."""
     count = len(params)
     for param, grad, exp_avg, lr, key in zip(
         params, grads, exp_avgs, hyper.lrs(count), hyper.keys(count)
     ):
-        _lion_one(param, grad, exp_avg, lr, hyper, key)
+        _lion_one(param, grad, exp_avg, lr, hyper, key, stats)
+
+
+def quantized_lion_loop(
+    params: list[Tensor],
+    grads: list[Tensor],
+    codes: list[Tensor],
+    scales: list[Tensor],
+    hyper: LionHyper,
+    *,
+    stats=None,
+) -> None:
+    """8-bit momentum, one tensor at a time: dequantise, the reference step in fp32, requantise."""
+    count = len(params)
+    for i, (param, code, scale) in enumerate(zip(params, codes, scales)):
+        values = dequantize(code, scale)
+        moment = values[: param.numel()].view(param.shape)
+        single_tensor_lion([param], [grads[i]], [moment], hyper.one(i, count), stats=stats)
+        quantize_into(values, code, scale)
 
 
 def _lion_one(
@@ -40,6 +78,7 @@ def _lion_one(
     lr: float,
     hyper: LionHyper,
     key: int | None = None,
+    stats=None,
 ) -> None:
     if torch.is_complex(param):
         param, grad, exp_avg = (torch.view_as_real(t) for t in (param, grad, exp_avg))
@@ -57,7 +96,7 @@ def _lion_one(
     if hyper.cautious:
         agree = (direction * g > 0).to(direction.dtype)
         direction = direction * agree
-        update = direction * cautious_scale(agree)
+        update = direction * cautious_scale(agree, stats)
     if hyper.weight_decay != 0:
         decay = 1 - lr * hyper.weight_decay
         if hyper.cautious_weight_decay:

@@ -11,6 +11,8 @@ from lionopt.tasks.base import Task, TaskData, TaskUnavailable
 from lionopt.tasks.charlm import CharLMTask
 from lionopt.tasks.digits import DigitsTask
 from lionopt.tasks.fashion import FashionTask
+from lionopt.tasks.loader import resolve_task
+from lionopt.tasks.tensor import TensorTask
 
 #: name -> task class, in report order.
 TASKS: dict[str, type[Task]] = {task.name: task for task in (DigitsTask, CharLMTask, FashionTask)}
@@ -23,4 +25,12 @@ def get_task(name: str) -> Task:
         raise ValueError(f"unknown task {name!r}; choose from {', '.join(TASKS)}") from None
 
 
-__all__ = ["TASKS", "Task", "TaskData", "TaskUnavailable", "get_task"]
+__all__ = [
+    "TASKS",
+    "Task",
+    "TaskData",
+    "TaskUnavailable",
+    "TensorTask",
+    "get_task",
+    "resolve_task",
+]

@@ -53,12 +53,43 @@ class Task:
     steps: int = 100
     quick_steps: int = 20
     batch_size: int = 32
+    #: Share of the training data held out as the *tune* split (lr tuning evaluates on it).
+    tune_fraction: float = 0.2
+    #: AdamW's lr grid for tuning (log spaced); ``None``: 4 points of the 1-3-10 sequence
+    #: around ``adamw_lr`` (see :func:`lionopt.tasks.grid.default_grid`).
+    adamw_lr_grid: tuple[float, ...] | None = None
     #: Where the data comes from and under which licence (shown in reports).
     source: str = ""
     licence: str = ""
 
     def load(self, data_dir: str | None = None) -> TaskData:
         raise NotImplementedError
+
+    def tune_data(self, data: TaskData) -> TaskData:
+        """The tune split: train on the training data minus a held-out part, validate on it.
+
+        The default holds out the last ``tune_fraction`` of a fixed shuffle (seed 0) of the
+        training rows; the validation split is never touched.
+        """
+        n = data.train_x.shape[0]
+        n_tune = max(1, round(n * self.tune_fraction))
+        if n - n_tune < 1:
+            raise ValueError(f"task {self.name!r}: too little training data for a tune split")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+        order = order.to(data.train_x.device)
+        keep, held = order[: n - n_tune], order[n - n_tune :]
+
+        def rows(t, idx):
+            return None if t is None else t[idx]
+
+        info = {**data.info, "split": "tune", "train_size": n - n_tune, "val_size": n_tune}
+        return TaskData(
+            rows(data.train_x, keep),
+            rows(data.train_y, keep),
+            rows(data.train_x, held),
+            rows(data.train_y, held),
+            info,
+        )
 
     def build_model(self, data: TaskData) -> nn.Module:
         raise NotImplementedError
@@ -78,6 +109,27 @@ class Task:
     def evaluate(self, model: nn.Module, data: TaskData) -> tuple[float, float]:
         """Validation ``(loss, metric)``."""
         raise NotImplementedError
+
+    def start_run(self, data: TaskData, seed: int) -> None:
+        """Called before the first step of every run (a hook for tasks with their own data)."""
+
+    def train_step(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        data: TaskData,
+        indices: torch.Tensor,
+        step: int,
+    ) -> torch.Tensor:
+        """One training step on the batch ``indices``; returns the (detached) loss.
+
+        The default: ``loss``, ``zero_grad``, ``backward``, ``optimizer.step()``.
+        """
+        loss = self.loss(model, self.get_batch(data, indices))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
 
     def describe(self) -> dict:
         return {

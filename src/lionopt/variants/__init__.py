@@ -1,6 +1,6 @@
-"""Members of the Lion family: ``Tiger`` (β1 = β2, relative lr, free accumulation) and ``Signum``."""
+"""Back-compat: the variants moved to ``lionopt.optim`` (``optim.signum``, ``optim.tiger``)."""
 
-from lionopt.variants.signum import Signum
-from lionopt.variants.tiger import Tiger, tiger_param_groups
+from lionopt.optim.signum import Signum
+from lionopt.optim.tiger import Tiger, tiger_param_groups
 
 __all__ = ["Signum", "Tiger", "tiger_param_groups"]
