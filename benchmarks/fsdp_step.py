@@ -91,8 +91,9 @@ def _worker(rank, args, port):
                 opt.step()
             dist.barrier()
             elapsed = (time.perf_counter() - start) / args.steps
-            for p, s in zip(params, snapshot, strict=True):
-                p.to_local().copy_(s)
+            with torch.no_grad():  # the same starting point for every optimizer
+                for p, s in zip(params, snapshot, strict=True):
+                    p.to_local().copy_(s)
             if round_:
                 times[name].append(elapsed)
     if rank == 0:
