@@ -516,3 +516,13 @@ def test_one_rank_mixed_dtypes_and_complex_is_lion():
         dlion.step()
     for p, q in zip(a, b):
         assert same(p, q)
+
+
+def test_auto_transport_choice():
+    from lionopt.distributed.transports import choose_transport
+
+    assert choose_transport(2, "gloo", "majority") == "all_gather"
+    assert choose_transport(3, "gloo", "majority") == "packed"
+    assert choose_transport(64, "nccl", "average") == "packed"
+    assert choose_transport(8, "custom", "majority") == "int8"
+    assert choose_transport(200, "custom", "majority") == "all_gather"
