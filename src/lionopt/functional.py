@@ -27,7 +27,7 @@ from operator import attrgetter
 import torch
 from torch import Tensor
 
-from lionopt.kernels import registry
+from lionopt.kernels import dtensor, registry
 from lionopt.kernels.foreach import multi_tensor
 from lionopt.kernels.group import LOCAL_STATS, LocalStats, TensorGroup
 from lionopt.kernels.hyper import LionHyper
@@ -99,12 +99,20 @@ def lion(
     )
     if not params:
         return
+    finish = None
+    if dtensor.any_dtensor(params, grads, exp_avgs):  # FSDP2: steps run on the local shards
+        dtensor.check_group(
+            params, grads, exp_avgs, exp_avg_scales, rounding=rounding_keys is not None
+        )
+        params, hyper, finish = dtensor.stage_rounding(params, hyper)
     impl = resolve_impl(foreach, fused, compiling)
     fallback = SINGLE if foreach is False else MULTI
     count = len(params)
     for group in group_tensors(params, grads, exp_avgs, exp_avg_scales):
         group_hyper = hyper.subset(group.indices, count) if len(group) != count else hyper
         step_group(group, group_hyper, impl, fallback=fallback, explicit=bool(fused))
+    if finish is not None:
+        finish()
 
 
 def _traced_lr(lr: float) -> Tensor:
@@ -167,6 +175,8 @@ def group_tensors(
     """
     if exp_avg_scales is not None and all(s is None for s in exp_avg_scales):
         exp_avg_scales = None
+    if dtensor.any_dtensor(params, grads, exp_avgs):
+        return dtensor.group_tensors(params, grads, exp_avgs, exp_avg_scales)
     if (
         exp_avg_scales is None
         and exp_avgs[0].dtype != torch.int8
@@ -201,8 +211,11 @@ def stats_for(params: Sequence[Tensor]) -> LocalStats:
 
     ``LocalStats`` (each tensor is whole in this process). ``group_tensors`` gives it to every
     group, and Tiger and the diagnostics ask for it, so a sharded setup changes this one
-    function to return an implementation that reduces over the mesh.
+    function to return an implementation that reduces over the mesh: ``MeshStats`` for lists
+    holding DTensors (FSDP2).
     """
+    if dtensor.any_dtensor(params):
+        return dtensor.MeshStats()
     return LOCAL_STATS
 
 
