@@ -151,6 +151,9 @@ class Lion(LionFamily):
         if group["decouple_lr"] and group["max_lr"] is None:
             group["max_lr"] = as_float(group["lr"])
 
+    def _whole_tensor_rule(self, group: dict[str, Any]) -> str | None:
+        return "Cautious Lion" if group["cautious"] else None
+
     def _step_group(self, group: dict[str, Any], params: list[Tensor] | None = None) -> None:
         """One step of ``group`` (or only of ``params``).
 

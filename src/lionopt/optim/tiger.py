@@ -132,6 +132,9 @@ class Tiger(LionFamily):
     def validate_group(cls, group: dict[str, Any]) -> None:
         _validate_group(group)
 
+    def _whole_tensor_rule(self, group: dict[str, Any]) -> str | None:
+        return "Tiger"
+
     def _step_group(self, group: dict[str, Any], params: list[Tensor] | None = None) -> None:
         """One micro-step of ``group``; the update is applied on every ``accum_steps``-th call.
 
