@@ -46,7 +46,9 @@ def test_compiled_step_calls_the_kernel_in_one_graph_bitwise(kernel_calls, optio
     ref = Lion(twins, lr=1e-2, weight_decay=0.5, foreach=True, **options)
     compiled = torch.compile(opt.step, backend="aot_eager", fullgraph=True)
     gen = torch.Generator().manual_seed(1)
-    for _ in range(4):
+    for step in range(4):
+        for group in (*opt.param_groups, *ref.param_groups):
+            group["lr"] = 1e-2 * (1 + step / 8)  # a schedule: the lr is a graph input
         for p, q in zip(params, twins):
             p.grad = torch.randn(p.shape, generator=gen)
             q.grad = p.grad.clone()

@@ -11,7 +11,9 @@ bitwise equal to the eager fused step.
 ``compiled_step(group, hyper)`` is what the CPU backend offers the functional under
 ``torch.compile``: it uses the op when the kernel is already loaded (a plain attribute read,
 which the tracer can follow; the build is never started while tracing) and the group suits it
-(no stochastic rounding, a float or per-tensor float lr), and returns False otherwise.
+(no stochastic rounding), and returns False otherwise. The lr goes in as a tensor (a float
+lr is the 0-dim float64 tensor ``functional.lion`` traces it as), so a changing lr is a graph
+input, not a recompile.
 """
 
 from __future__ import annotations
@@ -34,15 +36,17 @@ def lion_step_(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
-    lrs: list[float],
+    lr: Tensor,
     beta1: float,
     beta2: float,
     weight_decay: float,
     options: int,
 ) -> None:
-    """One fused CPU Lion step in place (``options``: maximize 1, cautious 2, cautious decay 4)."""
+    """One fused CPU Lion step in place. ``lr``: a 0-dim tensor, or one lr per tensor (1-D);
+    ``options``: maximize 1, cautious 2, cautious decay 4."""
+    lrs = lr.tolist()
     hyper = LionHyper(
-        lr=list(lrs),
+        lr=lrs if isinstance(lrs, list) else float(lrs),
         beta1=beta1,
         beta2=beta2,
         weight_decay=weight_decay,
@@ -54,7 +58,7 @@ def lion_step_(
 
 
 @lion_step_.register_fake
-def _(params, grads, exp_avgs, lrs, beta1, beta2, weight_decay, options) -> None:
+def _(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, options) -> None:
     return None
 
 
@@ -62,12 +66,16 @@ def compiled_step(group: TensorGroup, hyper: LionHyper) -> bool:
     """Step ``group`` through the custom op; False when it cannot (see the module docstring)."""
     if group.kind != PLAIN_KIND or hyper.rounding_keys is not None or not plain.loaded():
         return False
-    if isinstance(hyper.lr, Tensor) or not plain.supports(
-        group.params, group.grads, group.momenta, hyper
-    ):
+    lr = hyper.lr
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            return False
+    elif isinstance(lr, (int, float)):
+        lr = torch.tensor(float(lr), dtype=torch.float64)
+    else:
+        lr = torch.tensor([float(x) for x in lr], dtype=torch.float64)
+    if not plain.supports(group.params, group.grads, group.momenta, hyper):
         return False
-    count = len(group.params)
-    lrs = [float(hyper.lr)] * count if isinstance(hyper.lr, (int, float)) else list(hyper.lr)
     options = (
         (_MAXIMIZE if hyper.maximize else 0)
         | (_CAUTIOUS if hyper.cautious else 0)
@@ -77,7 +85,7 @@ def compiled_step(group: TensorGroup, hyper: LionHyper) -> bool:
         group.params,
         group.grads,
         group.momenta,
-        lrs,
+        lr,
         float(hyper.beta1),
         float(hyper.beta2),
         float(hyper.weight_decay),
