@@ -48,6 +48,8 @@ __all__ = [
     "check_group",
     "global_index",
     "group_tensors",
+    "local",
+    "reduce_rows",
     "stage_rounding",
 ]
 
@@ -75,6 +77,13 @@ def _reduce(values: Tensor, tensors: Sequence[Tensor | None], op, mesh=None, dim
             dist.all_reduce(picked, op=op, group=t_mesh.get_group(dim))
         values[indices] = picked
     return values
+
+
+def reduce_rows(values: Tensor, tensors: Sequence[Tensor], op: str) -> Tensor:
+    """``values[i]`` (a row of figures of ``tensors[i]``'s local shard) summed ("sum") or
+    maxed ("max") over the mesh dims that shard ``tensors[i]``; plain tensors' rows as they are."""
+    reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
+    return _reduce(values.clone(), tensors, reduce_op)
 
 
 class MeshStats(LocalStats):
@@ -159,6 +168,7 @@ def check_group(
     rounding: bool = False,
 ) -> None:
     """ValueError for a tensor the local-shard step cannot take; checks all before any step."""
+    checked = set()  # placements already checked (one tuple per layout, not per tensor)
     for i, (p, g, m) in enumerate(zip(params, grads, exp_avgs, strict=True)):
         quantized = exp_avg_scales is not None and exp_avg_scales[i] is not None
         if not is_dtensor(p):
@@ -168,7 +178,7 @@ def check_group(
                     f"momentum {describe(m)}: use DTensors for all three or for none"
                 )
             continue
-        for placement in p.placements:
+        for placement in () if p.placements in checked else p.placements:
             if isinstance(placement, Partial):
                 raise ValueError(
                     f"parameter {i} has a Partial placement ({tuple(p.placements)}): its local "
@@ -179,6 +189,7 @@ def check_group(
                     f"parameter {i} has placement {placement}: stochastic rounding needs each "
                     "element's global index, implemented for Shard and Replicate placements"
                 )
+        checked.add(p.placements)
         if not is_dtensor(g) or not same_layout(p, g):
             raise ValueError(
                 f"parameter {i} is {describe(p)}, its gradient {describe(g)}: the step runs on "
