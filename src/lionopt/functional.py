@@ -85,6 +85,8 @@ def lion(
     compiling = torch.compiler.is_compiling()
     if isinstance(lr, Tensor) and not compiling:
         lr = lr.item()
+    if compiling and isinstance(lr, float) and foreach is not False:
+        lr = _traced_lr(lr)
     hyper = LionHyper(
         lr=lr,
         beta1=beta1,
@@ -111,6 +113,18 @@ def lion(
         step_group(group, group_hyper, impl, fallback=fallback, explicit=bool(fused))
     if finish is not None:
         finish()
+
+
+def _traced_lr(lr: float) -> Tensor:
+    """A float lr as a 0-dim float64 tensor, so that ``torch.compile`` need not recompile per lr.
+
+    Dynamo turns a float that changed between calls into a graph input, but only if every use
+    is an op it can rewrite to take a tensor (``aten.mul`` with a scalar is one; the foreach
+    ops' scalar arguments are not). Multiplying a constant tensor by the float is such a use:
+    after one recompile the lr is an input, as for torch's AdamW. The math stays that of a
+    Python float (float64).
+    """
+    return torch.ones((), dtype=torch.float64) * lr
 
 
 def resolve_impl(foreach: bool | None, fused: bool | None, compiling: bool = False) -> str:

@@ -368,6 +368,7 @@ def test_fused_passes_equal_the_torch_passes():
         grads = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
         grads[2] = None
         grads[1][:5] = 0
+        grads[1][5:7] = torch.tensor([float("nan"), float("inf")])  # NaN: no vote, NaN momentum
         moms = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
         moms[1][:3] = 0
         offsets, total = [], 0
@@ -381,8 +382,9 @@ def test_fused_passes_equal_the_torch_passes():
             b, zb = signpack_cpu.sign_pass(
                 params, grads, m2, offsets, numel, 0.9, 0.99, width, True
             )
-            assert torch.equal(a, b) and za == zb == 3
-            assert all(same(x, y) for x, y in zip(m1, m2))
+            assert torch.equal(a, b) and za == zb == 4
+            assert all(torch.equal(x.nan_to_num(7.0), y.nan_to_num(7.0)) for x, y in zip(m1, m2))
+            assert m1[1][5].isnan() and m2[1][5].isnan()
         formats = [voting.SIGN2, voting.SIGN1, voting.RAW8, voting.ResultFormat(4, 2, -4)]
         for fmt in formats:
             for vote in ("majority", "average"):
@@ -514,3 +516,13 @@ def test_one_rank_mixed_dtypes_and_complex_is_lion():
         dlion.step()
     for p, q in zip(a, b):
         assert same(p, q)
+
+
+def test_auto_transport_choice():
+    from lionopt.distributed.transports import choose_transport
+
+    assert choose_transport(2, "gloo", "majority") == "all_gather"
+    assert choose_transport(3, "gloo", "majority") == "packed"
+    assert choose_transport(64, "nccl", "average") == "packed"
+    assert choose_transport(8, "custom", "majority") == "int8"
+    assert choose_transport(200, "custom", "majority") == "all_gather"

@@ -112,11 +112,6 @@ class DistributedLion(Optimizer):
             raise ValueError(f"Invalid fused: {fused!r} (expected None, True or False)")
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay)
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            _validate_group(group)
-            for p in group["params"]:
-                if p.dtype not in _FLOAT_DTYPES and not p.is_complex():
-                    raise ValueError(f"DistributedLion does not take {p.dtype} parameters")
 
         if dist.is_available() and dist.is_initialized():
             self.ranks = dist.get_world_size(process_group)
@@ -153,6 +148,19 @@ class DistributedLion(Optimizer):
         self._checked: tuple | None = None
         self._buckets: list[_Bucket] | None = None
         self._layout_key: tuple | None = None
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As torch.optim's, validating the group first (every rank must add the same)."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            _validate_group(group)
+            for p in group["params"]:
+                if p.dtype not in _FLOAT_DTYPES and not p.is_complex():
+                    raise ValueError(f"DistributedLion does not take {p.dtype} parameters")
+        except ValueError:
+            self.param_groups.pop()
+            raise
 
     # ----------------------------------------------------------------------------- the step
 

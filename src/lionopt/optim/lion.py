@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from lionopt.functional import lion
+from lionopt import functional
 from lionopt.optim.base import (
     LionFamily,
     ParamsT,
@@ -162,7 +162,8 @@ class Lion(LionFamily):
         """
         fmt = resolve_format(group["momentum_dtype"])
         fast = None
-        if params is None:
+        # The C++ group step computes every statistic locally: not for mesh-reducing stats.
+        if params is None and functional.stats_for(group["params"]).local:
             fast = self._cache.ready(
                 group["params"],
                 self.state,
@@ -184,7 +185,7 @@ class Lion(LionFamily):
             self._cache.remember(group, group["params"], self.state)
         if not stepped:
             return
-        lion(
+        functional.lion(
             stepped,
             grads,
             exp_avgs,
