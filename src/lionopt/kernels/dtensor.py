@@ -45,6 +45,7 @@ except ImportError:  # pragma: no cover
 __all__ = [
     "MeshStats",
     "any_dtensor",
+    "any_wrapper",
     "check_group",
     "global_index",
     "group_tensors",
@@ -52,6 +53,21 @@ __all__ = [
     "reduce_rows",
     "stage_rounding",
 ]
+
+
+_DEFAULT_DISPATCH = torch.Tensor.__torch_dispatch__
+
+
+def any_wrapper(*lists: Sequence[Tensor]) -> bool:
+    """Whether a tensor is a wrapper subclass other than DTensor (its own
+    ``__torch_dispatch__``: FakeTensor, torchao's, test subclasses): its ``data_ptr()`` is not
+    its data, so it must never reach a fused kernel. ``nn.Parameter`` and plain subclasses of
+    it are not wrappers; DTensors are stepped on their local shards."""
+    return any(
+        type(t).__torch_dispatch__ is not _DEFAULT_DISPATCH and not is_dtensor(t)
+        for tensors in lists
+        for t in tensors
+    )
 
 
 def _shard_dims(tensor: Tensor) -> tuple[int, ...]:
