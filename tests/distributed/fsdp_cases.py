@@ -244,6 +244,36 @@ def case_mixed(name, rank, world, ckpt_dir, load_world):
     return figures
 
 
+def case_default_is_fused(name, rank, world, ckpt_dir, load_world):
+    """The default step under FSDP2 runs the fused CPU kernels on the local shards."""
+    from lionopt.kernels import registry
+
+    steps = []
+    for backend in registry._BACKENDS:
+        if backend.device == "cpu":
+            original = backend.step
+
+            def spy(group, hyper, _name=backend.name, _original=original):
+                assert not any(isinstance(t, DTensor) for t in group.params), "a DTensor"
+                steps.append((_name, len(group)))
+                _original(group, hyper)
+
+            object.__setattr__(backend, "step", spy)
+    try:
+        for path in ("default", "int8", "bf16_momentum"):
+            steps.clear()
+            cls, kwargs, _, model = _sharded_pair(path)
+            opt = _optimizer(cls, kwargs, model)
+            _steps(opt, 0, 2)
+            stepped = sum(n for _, n in steps)
+            assert stepped == 2 * len(_params(opt)), (path, steps)
+    finally:
+        for backend in registry._BACKENDS:
+            if "spy" in getattr(backend.step, "__name__", ""):
+                object.__setattr__(backend, "step", backend.step.__defaults__[1])
+    return {}
+
+
 def case_diagnostics(name, rank, world, ckpt_dir, load_world):
     """lionopt.diagnostics.lion_stats on FSDP2 equals the unsharded figures (Lion, Tiger)."""
     from lionopt.diagnostics import lion_stats
@@ -376,6 +406,7 @@ CASES = {
     "mixed_group": case_mixed,
     "bad_placement": case_bad_input,
     "diagnostics": case_diagnostics,
+    "default_is_fused": case_default_is_fused,
     "train": case_train,
     **{f"dcp_{name}": case_dcp for name in DCP_PATHS},
     **{f"hsdp_{name}": case_hsdp for name in HSDP_PATHS},
