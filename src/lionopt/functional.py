@@ -107,7 +107,7 @@ def lion(
         params, hyper, finish = dtensor.stage_rounding(params, hyper)
     impl = resolve_impl(foreach, fused, compiling)
     fallback = SINGLE if foreach is False else MULTI
-    if impl == FUSED and dtensor.any_wrapper(params, grads, exp_avgs):
+    if impl == FUSED and dtensor.any_wrapper(params):
         impl = fallback  # a wrapper subclass: torch ops only, never its raw pointers
         if fused:
             registry.warn_once(

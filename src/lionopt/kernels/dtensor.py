@@ -38,9 +38,9 @@ from lionopt.state.formats import INT8_KIND, PLAIN_KIND
 
 try:
     import torch.distributed as dist
-    from torch.distributed.tensor import Partial, Shard
+    from torch.distributed.tensor import DTensor, Partial, Shard
 except ImportError:  # pragma: no cover
-    dist = None
+    dist = DTensor = None
 
 __all__ = [
     "MeshStats",
@@ -56,6 +56,7 @@ __all__ = [
 
 
 _DEFAULT_DISPATCH = torch.Tensor.__torch_dispatch__
+_PLAIN = frozenset({torch.Tensor, torch.nn.Parameter})
 
 
 def any_wrapper(*lists: Sequence[Tensor]) -> bool:
@@ -63,10 +64,13 @@ def any_wrapper(*lists: Sequence[Tensor]) -> bool:
     ``__torch_dispatch__``: FakeTensor, torchao's, test subclasses): its ``data_ptr()`` is not
     its data, so it must never reach a fused kernel. ``nn.Parameter`` and plain subclasses of
     it are not wrappers; DTensors are stepped on their local shards."""
+    types = set()
+    for tensors in lists:
+        types.update(map(type, tensors))  # C speed: a step may hold thousands of tensors
     return any(
-        type(t).__torch_dispatch__ is not _DEFAULT_DISPATCH and not is_dtensor(t)
-        for tensors in lists
-        for t in tensors
+        cls.__torch_dispatch__ is not _DEFAULT_DISPATCH
+        and not (DTensor is not None and issubclass(cls, DTensor))
+        for cls in types - _PLAIN
     )
 
 

@@ -49,7 +49,7 @@ def is_dtensor(tensor: object) -> bool:
 
 def any_dtensor(*lists) -> bool:
     """Whether any tensor in ``lists`` is a DTensor."""
-    if DTensor is None:
+    if DTensor is None or not torch.distributed.is_initialized():  # no mesh, no DTensor
         return False
     return any(isinstance(t, DTensor) for tensors in lists for t in tensors)
 
