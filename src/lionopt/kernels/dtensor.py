@@ -123,7 +123,8 @@ class MeshStats(LocalStats):
     def numel(self, tensor: Tensor) -> int:
         if is_dtensor(tensor) or self.mesh is None or not self.dims:
             return tensor.numel()
-        count = torch.tensor([float(tensor.numel())], dtype=torch.float64)
+        device = torch.device(self.mesh.device_type)  # NCCL reduces device tensors only
+        count = torch.tensor([float(tensor.numel())], dtype=torch.float64, device=device)
         return int(_reduce(count, [None], dist.ReduceOp.SUM, self.mesh, self.dims)[0])
 
     def mean(self, tensor: Tensor) -> Tensor:
@@ -132,7 +133,7 @@ class MeshStats(LocalStats):
         figures = torch.stack(
             [
                 shard.sum(dtype=torch.float64),
-                torch.tensor(float(shard.numel()), dtype=torch.float64),
+                torch.tensor(float(shard.numel()), dtype=torch.float64, device=shard.device),
             ]
         ).unsqueeze(0)
         figures = _reduce(figures, [tensor], dist.ReduceOp.SUM, self.mesh, self.dims)[0]
