@@ -297,24 +297,47 @@ def case_diagnostics(name, rank, world, ckpt_dir, load_world):
 
 
 def case_bad_input(name, rank, world, ckpt_dir, load_world):
-    """A gradient with another placement than its parameter: ValueError, nothing changed."""
-    from torch.distributed.tensor import Replicate
+    """What the local step cannot take raises ValueError at the step, and nothing changes: a
+    gradient with other placements, a DTensor gradient of a plain parameter, a Partial
+    parameter, a momentum loaded as a plain tensor."""
+    from torch.distributed.tensor import Partial, Replicate
+
+    def expect(opt, params, words):
+        before = [p.to_local().clone() if isinstance(p, DTensor) else p.clone() for p in params]
+        try:
+            opt.step()
+        except ValueError as error:
+            assert all(w in str(error) for w in words), error
+        else:
+            raise AssertionError(f"accepted: {words}")
+        for b, p in zip(before, params, strict=True):
+            now = p.to_local() if isinstance(p, DTensor) else p
+            assert torch.equal(b, now), "the failed step changed a parameter"
 
     _, _, _, model = _sharded_pair("default")
     opt = Lion(model.parameters(), lr=LR, weight_decay=WD)
     params = _params(opt)
     _set_grads(params, 0)
-    before = [p.to_local().clone() for p in params]
     p = params[1]
     p.grad = distribute_tensor(_grad(0, 1, p), p.device_mesh, [Replicate()], src_data_rank=None)
-    try:
-        opt.step()
-    except ValueError as error:
-        assert "placements" in str(error), error
-    else:
-        raise AssertionError("a gradient with other placements was accepted")
-    for b, p in zip(before, params, strict=True):
-        assert torch.equal(b, p.to_local()), "the failed step changed a parameter"
+    expect(opt, params, ["placements", "gradient"])
+
+    plain = nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+    mesh = params[0].device_mesh
+    plain.grad = distribute_tensor(torch.randn(4, 3, dtype=torch.float64), mesh, [Replicate()])
+    expect(Lion([plain], lr=LR), [plain], ["plain tensor"])
+
+    partial = nn.Parameter(
+        DTensor.from_local(torch.randn(4, 3, dtype=torch.float64), mesh, [Partial()])
+    )
+    partial.grad = DTensor.from_local(torch.randn(4, 3, dtype=torch.float64), mesh, [Partial()])
+    expect(Lion([partial], lr=LR), [partial], ["Partial"])
+
+    opt = Lion(model.parameters(), lr=LR, weight_decay=WD)
+    _set_grads(params, 0)
+    opt.step()
+    opt.state[params[0]]["exp_avg"] = torch.zeros(params[0].shape, dtype=torch.float64)
+    expect(opt, params, ["momentum", "torch.distributed.checkpoint"])
     return {}
 
 
