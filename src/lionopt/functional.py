@@ -108,6 +108,13 @@ def lion(
         params, hyper, finish = dtensor.stage_rounding(params, hyper)
     impl = resolve_impl(foreach, fused, compiling)
     fallback = SINGLE if foreach is False else MULTI
+    if impl == FUSED and dtensor.any_wrapper(params):
+        impl = fallback  # a wrapper subclass: torch ops only, never its raw pointers
+        if fused:
+            registry.warn_once(
+                "lionopt: fused=True is not supported for tensor subclasses (their data_ptr() "
+                "is not their data); using the foreach path."
+            )
     count = len(params)
     for group in group_tensors(params, grads, exp_avgs, exp_avg_scales):
         group_hyper = hyper.subset(group.indices, count) if len(group) != count else hyper

@@ -133,3 +133,8 @@ def fused_available(device: str) -> bool:
 @cache
 def _warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def warn_once(message: str) -> None:
+    """One RuntimeWarning per distinct message (the functional's fallbacks use it too)."""
+    _warn_once(message)
