@@ -27,7 +27,7 @@ from operator import attrgetter
 import torch
 from torch import Tensor
 
-from lionopt.kernels import registry
+from lionopt.kernels import dtensor, registry
 from lionopt.kernels.foreach import multi_tensor
 from lionopt.kernels.group import LOCAL_STATS, LocalStats, TensorGroup
 from lionopt.kernels.hyper import LionHyper
@@ -85,6 +85,8 @@ def lion(
     compiling = torch.compiler.is_compiling()
     if isinstance(lr, Tensor) and not compiling:
         lr = lr.item()
+    if compiling and isinstance(lr, float) and foreach is not False:
+        lr = _traced_lr(lr)
     hyper = LionHyper(
         lr=lr,
         beta1=beta1,
@@ -97,12 +99,32 @@ def lion(
     )
     if not params:
         return
+    finish = None
+    if dtensor.any_dtensor(params, grads, exp_avgs):  # FSDP2: steps run on the local shards
+        dtensor.check_group(
+            params, grads, exp_avgs, exp_avg_scales, rounding=rounding_keys is not None
+        )
+        params, hyper, finish = dtensor.stage_rounding(params, hyper)
     impl = resolve_impl(foreach, fused, compiling)
     fallback = SINGLE if foreach is False else MULTI
     count = len(params)
     for group in group_tensors(params, grads, exp_avgs, exp_avg_scales):
         group_hyper = hyper.subset(group.indices, count) if len(group) != count else hyper
         step_group(group, group_hyper, impl, fallback=fallback, explicit=bool(fused))
+    if finish is not None:
+        finish()
+
+
+def _traced_lr(lr: float) -> Tensor:
+    """A float lr as a 0-dim float64 tensor, so that ``torch.compile`` need not recompile per lr.
+
+    Dynamo turns a float that changed between calls into a graph input, but only if every use
+    is an op it can rewrite to take a tensor (``aten.mul`` with a scalar is one; the foreach
+    ops' scalar arguments are not). Multiplying a constant tensor by the float is such a use:
+    after one recompile the lr is an input, as for torch's AdamW. The math stays that of a
+    Python float (float64).
+    """
+    return torch.ones((), dtype=torch.float64) * lr
 
 
 def resolve_impl(foreach: bool | None, fused: bool | None, compiling: bool = False) -> str:
@@ -153,6 +175,8 @@ def group_tensors(
     """
     if exp_avg_scales is not None and all(s is None for s in exp_avg_scales):
         exp_avg_scales = None
+    if dtensor.any_dtensor(params, grads, exp_avgs):
+        return dtensor.group_tensors(params, grads, exp_avgs, exp_avg_scales)
     if (
         exp_avg_scales is None
         and exp_avgs[0].dtype != torch.int8
@@ -187,8 +211,11 @@ def stats_for(params: Sequence[Tensor]) -> LocalStats:
 
     ``LocalStats`` (each tensor is whole in this process). ``group_tensors`` gives it to every
     group, and Tiger and the diagnostics ask for it, so a sharded setup changes this one
-    function to return an implementation that reduces over the mesh.
+    function to return an implementation that reduces over the mesh: ``MeshStats`` for lists
+    holding DTensors (FSDP2).
     """
+    if dtensor.any_dtensor(params):
+        return dtensor.MeshStats()
     return LOCAL_STATS
 
 

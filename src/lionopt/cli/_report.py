@@ -405,7 +405,9 @@ def compare_plots(report: dict, out_dir: Path) -> dict[str, str]:
                     [[float("nan") if v is None else v for v in r["history"][key]] for r in runs],
                     dtype=torch.float64,
                 )
-                (line,) = ax.plot(steps, curves.mean(0).tolist(), label=row_title(name))
+                lr = task["summary"][name].get("lr")
+                label = row_title(name) + ("" if lr is None else f" (lr {fmt_number(lr)})")
+                (line,) = ax.plot(steps, curves.mean(0).tolist(), label=label)
                 if len(runs) > 1:
                     ax.fill_between(
                         steps,

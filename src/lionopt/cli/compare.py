@@ -244,7 +244,7 @@ def prepare(config: dict, device) -> tuple[list[Study], dict[str, dict]]:
         if task.name in {e["name"] for e in entries.values()}:
             raise SystemExit(f"lionopt compare: two tasks are named {task.name!r}")
         try:
-            data = task.load(None if config.get("data_dir") is None else config["data_dir"])
+            data = task.load(config.get("data_dir"))
             model = task.build_model(data)
             param_count = sum(p.numel() for p in model.parameters())
         except TaskUnavailable as exc:

@@ -30,7 +30,8 @@ from torch.optim import Optimizer
 from lionopt.kernels.cpu.dispatch import GroupStepCache
 from lionopt.kernels.hyper import LionHyper
 from lionopt.kernels.rounding import rounding_key
-from lionopt.state import checkpoint
+from lionopt.optim import guards
+from lionopt.state import checkpoint, dtensor
 from lionopt.state.formats import normalize_momentum_dtype, resolve_format
 
 __all__ = ["LionFamily", "ParamsT", "SparseGradientError", "as_float"]
@@ -71,6 +72,7 @@ class LionFamily(Optimizer):
             param_group["momentum_dtype"] = normalize_momentum_dtype(param_group["momentum_dtype"])
         self.validate_group({**self.defaults, **param_group})
         super().add_param_group(param_group)
+        guards.remember_shapes(self)
         self._group_added(self.param_groups[-1])
 
     def _group_added(self, group: dict[str, Any]) -> None:
@@ -92,8 +94,11 @@ class LionFamily(Optimizer):
         """Loading a state dict keeps this optimizer's momentum formats and converts to them."""
         if not getattr(self, "_state_hooks_registered", False):
             self.register_load_state_dict_pre_hook(_validate_state_dict_hook)
+            # FSDP2 8-bit momenta: fp32 DTensors in state dicts, re-quantised on load.
+            self.register_load_state_dict_pre_hook(checkpoint.requantize_sharded)
             self.register_load_state_dict_pre_hook(checkpoint.remember_loaded_state)
             self.register_load_state_dict_post_hook(checkpoint.convert_loaded_state)
+            self.register_state_dict_post_hook(dtensor.present_state)
             self._state_hooks_registered = True
 
     def validate_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -167,9 +172,17 @@ class LionFamily(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for index, group in enumerate(self.param_groups):
+            rule = self._whole_tensor_rule(group)
+            if rule is not None:  # per-tensor statistics: not on flat partitions (DeepSpeed)
+                guards.check_whole(self, index, rule)
         for group in self.param_groups:
             self._step_group(group)
         return loss
+
+    def _whole_tensor_rule(self, group: dict[str, Any]) -> str | None:
+        """The name of the rule when ``group``'s step takes statistics per tensor, else None."""
+        return None
 
     def _step_group(self, group: dict[str, Any], params: list[Tensor] | None = None) -> None:
         """Step ``group`` (or only ``params``, parameters of it): the one place a step happens."""

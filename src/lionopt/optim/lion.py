@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from lionopt.functional import lion
+from lionopt import functional
 from lionopt.optim.base import (
     LionFamily,
     ParamsT,
@@ -151,6 +151,9 @@ class Lion(LionFamily):
         if group["decouple_lr"] and group["max_lr"] is None:
             group["max_lr"] = as_float(group["lr"])
 
+    def _whole_tensor_rule(self, group: dict[str, Any]) -> str | None:
+        return "Cautious Lion" if group["cautious"] else None
+
     def _step_group(self, group: dict[str, Any], params: list[Tensor] | None = None) -> None:
         """One step of ``group`` (or only of ``params``).
 
@@ -159,7 +162,8 @@ class Lion(LionFamily):
         """
         fmt = resolve_format(group["momentum_dtype"])
         fast = None
-        if params is None:
+        # The C++ group step computes every statistic locally: not for mesh-reducing stats.
+        if params is None and functional.stats_for(group["params"]).local:
             fast = self._cache.ready(
                 group["params"],
                 self.state,
@@ -181,7 +185,7 @@ class Lion(LionFamily):
             self._cache.remember(group, group["params"], self.state)
         if not stepped:
             return
-        lion(
+        functional.lion(
             stepped,
             grads,
             exp_avgs,

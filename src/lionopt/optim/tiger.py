@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from lionopt.functional import lion, stats_for
+from lionopt import functional
 from lionopt.hparams import classify_parameters
 from lionopt.kernels.group import LocalStats
 from lionopt.kernels.hyper import is_low_precision
@@ -132,6 +132,9 @@ class Tiger(LionFamily):
     def validate_group(cls, group: dict[str, Any]) -> None:
         _validate_group(group)
 
+    def _whole_tensor_rule(self, group: dict[str, Any]) -> str | None:
+        return "Tiger"
+
     def _step_group(self, group: dict[str, Any], params: list[Tensor] | None = None) -> None:
         """One micro-step of ``group``; the update is applied on every ``accum_steps``-th call.
 
@@ -166,7 +169,7 @@ class Tiger(LionFamily):
         beta, k = group["beta"], group["accum_steps"]
         use_foreach = group["foreach"] is not False or group["fused"] is True
         dense_rms = last and not group["bias_or_gain"] and not group["embedding"]
-        stats = stats_for(params)
+        stats = functional.stats_for(params)
         # One host sync: the inf-norm of every gradient (non-finite iff the gradient is) and,
         # where the update needs it, the RMS of every parameter.
         figures = stats.norms(grads, math.inf)
@@ -216,7 +219,7 @@ class Tiger(LionFamily):
             # leaves m as it is.
             _accumulate(params, exp_avgs, scales, grads, None, share, use_foreach)
             betas = (1.0, 1.0)
-        lion(
+        functional.lion(
             params,
             grads,
             exp_avgs,

@@ -354,8 +354,10 @@ class Study:
         if cfg["no_tune"]:
             jobs = []
             for name in cfg["optimizers"]:
-                jobs += self._add_row(name, name, "task's AdamW values, translated", lr=None,
-                                      weight_decay=None, lr_scale=1.0)  # fmt: skip
+                how = ("the task's AdamW values" if name == "adamw" else
+                       f"its translation of the task's AdamW values (factor {cfg['factor']:g})")
+                jobs += self._add_row(name, name, how, lr=None, weight_decay=None,
+                                      lr_scale=1.0)  # fmt: skip
             return jobs
         if cfg.get("reuse"):
             jobs = []

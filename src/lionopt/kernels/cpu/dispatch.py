@@ -45,6 +45,7 @@ from lionopt.kernels.cpu import plain as fused_cpu
 from lionopt.kernels.cpu import quant
 from lionopt.kernels.cpu._build import BuildOptions, LazyLibrary
 from lionopt.kernels.hyper import LionHyper
+from lionopt.state.dtensor import is_dtensor
 from lionopt.state.formats import Int8Blockwise, MomentumFormat, Plain
 
 __all__ = [
@@ -274,6 +275,7 @@ class GroupStepCache:
             or not isinstance(state, TrackedState)
             or not params
             or not params[0].is_cpu
+            or is_dtensor(params[0])  # FSDP2: functional.lion steps the local shards
             or torch.compiler.is_compiling()
         ):
             return None
