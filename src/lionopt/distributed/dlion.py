@@ -114,8 +114,10 @@ class DistributedLion(Optimizer):
         super().__init__(params, defaults)
 
         if dist.is_available() and dist.is_initialized():
-            self.ranks = dist.get_world_size(process_group)
             self.rank = dist.get_rank(process_group)
+            self.ranks = dist.get_world_size(process_group) if self.rank >= 0 else 0
+            if self.rank < 0:
+                raise ValueError("this rank is not a member of the given process_group")
             backend = str(dist.get_backend(process_group))
         else:
             if process_group is not None:
