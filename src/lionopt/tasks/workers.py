@@ -100,7 +100,7 @@ def train_workers(task, data, plan, method: str, workers: int, *, evals: int = 2
         diverged=diverged,
         state_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
         param_count=sum(p.numel() for p in model.parameters()),
-        optimizer_step_ms=float("nan"),
+        optimizer_step_ms=None,  # step() includes the workers' forward and backward passes
         train_step_ms=1000 * step_time / max(1, plan.steps),
         wall_s=time.perf_counter() - start,
     )
