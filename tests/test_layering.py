@@ -29,6 +29,8 @@ LAYERS = {
     "lion": 3,
     "variants": 3,
     "diagnostics": 4,
+    "convert": 4,
+    "integrations": 5,
     "bench": 5,
     "tasks": 5,
     "cli": 6,
