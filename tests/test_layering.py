@@ -10,6 +10,7 @@ a lazy import counts too. Layers, bottom to top: ``state`` < ``kernels`` < ``fun
 from __future__ import annotations
 
 import ast
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,7 @@ def _imports(path: Path, name: str) -> set[str]:
     return found
 
 
+@cache
 def _graph() -> dict[str, set[str]]:
     paths = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
     graph = {}

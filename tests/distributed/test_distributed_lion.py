@@ -175,7 +175,13 @@ def _checkpoints(rank, g2, g3, path, failures) -> None:
 
 
 def _ddp_and_errors(rank, g2, failures) -> None:
-    if rank >= 2:
+    if rank >= 2:  # not a member of g2: a clear error, not a hang
+        try:
+            DistributedLion([torch.zeros(2)], process_group=g2)
+            failures.append("a non-member rank built an optimizer on the group")
+        except ValueError as exc:
+            if "not a member" not in str(exc):
+                failures.append(f"non-member: unclear error {exc}")
         return
     from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -114,8 +114,10 @@ class DistributedLion(Optimizer):
         super().__init__(params, defaults)
 
         if dist.is_available() and dist.is_initialized():
-            self.ranks = dist.get_world_size(process_group)
             self.rank = dist.get_rank(process_group)
+            self.ranks = dist.get_world_size(process_group) if self.rank >= 0 else 0
+            if self.rank < 0:
+                raise ValueError("this rank is not a member of the given process_group")
             backend = str(dist.get_backend(process_group))
         else:
             if process_group is not None:
@@ -227,11 +229,11 @@ class DistributedLion(Optimizer):
                 beta2 = hypers[i][1][1]
                 exp_avgs[i].mul_(beta2).add_(0.0)
 
-        for bucket, local, zero in zip(buckets, locals_, zeros):
-            if self.ranks > 1:
-                packed, fmt = self._transport.exchange(local, zero)
-            else:
-                packed, fmt = local, SIGN2
+        if self.ranks > 1:
+            votes = self._transport.exchange_many(list(zip(locals_, zeros)))
+        else:
+            votes = [(local, SIGN2) for local in locals_]
+        for bucket, (packed, fmt) in zip(buckets, votes):
             keep = [k for k, i in enumerate(bucket.indices) if active[i]]
             if not keep:
                 continue

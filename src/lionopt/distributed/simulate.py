@@ -53,9 +53,9 @@ class SimulatedDistributedLion(Optimizer):
         self.workers, self.vote = workers, vote
 
     @torch.no_grad()
-    def step(self, closure: Callable[[int], Any]) -> float:
+    def step(self, closure: Callable[[int], Any]) -> Tensor:
         """``closure(worker)`` computes worker ``worker``'s loss and calls ``backward()``;
-        returns the workers' mean loss."""
+        returns the workers' mean loss (a 0-dim tensor)."""
         params = [p for group in self.param_groups for p in group["params"]]
         betas = [tuple(group["betas"]) for group in self.param_groups for _ in group["params"]]
         totals: list[Tensor | None] = [None] * len(params)
@@ -65,7 +65,7 @@ class SimulatedDistributedLion(Optimizer):
             for p in params:
                 p.grad = None
             with torch.enable_grad():
-                losses.append(float(closure(worker)))
+                losses.append(torch.as_tensor(closure(worker)).detach().reshape(()))
             for j, p in enumerate(params):
                 state = self.state[p]
                 if "exp_avg" not in state:
@@ -98,4 +98,4 @@ class SimulatedDistributedLion(Optimizer):
                 index += 1
         for p in params:
             p.grad = None
-        return sum(losses) / len(losses)
+        return torch.stack(losses).mean()

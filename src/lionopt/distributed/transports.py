@@ -130,36 +130,67 @@ class _Transport:
         return _cpu_kernel(tensor) if self.use_kernels else None
 
     def exchange(self, local: Tensor, zeros: bool) -> tuple[Tensor, ResultFormat]:
+        """One bucket's vote: the packed result and its format."""
+        return self.exchange_many([(local, zeros)])[0]
+
+    def exchange_many(
+        self, buckets: list[tuple[Tensor, bool]]
+    ) -> list[tuple[Tensor, ResultFormat]]:
+        """Every bucket's vote, with the buckets' collectives in flight together: each bucket's
+        stages run round-robin (launch a collective, then the next bucket's), so counting one
+        bucket overlaps the others' communication. Every rank issues them in the same order."""
+        stages = [self._stages(local, zeros) for local, zeros in buckets]
+        results: list = [None] * len(stages)
+        pending = list(range(len(stages)))
+        while pending:
+            running = []
+            for i in pending:
+                try:
+                    next(stages[i])
+                    running.append(i)
+                except StopIteration as done:
+                    results[i] = done.value
+            pending = running
+        return results
+
+    def _stages(self, local: Tensor, zeros: bool):
+        """A generator: yields after launching each collective, returns (packed, format)."""
         raise NotImplementedError
 
 
 class Int8Transport(_Transport):
     sign_width = 8
 
-    def exchange(self, local: Tensor, zeros: bool) -> tuple[Tensor, ResultFormat]:
+    def _stages(self, local: Tensor, zeros: bool):
         signs = local.view(torch.int8)
         self.traffic.add("all_reduce", signs)
-        self._wait(dist.all_reduce(signs, op=dist.ReduceOp.SUM, group=self.group, async_op=True))
+        work = dist.all_reduce(signs, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        yield
+        self._wait(work)
         return signs.view(torch.uint8), RAW8
 
 
 class AllGatherTransport(_Transport):
-    def exchange(self, local: Tensor, zeros: bool) -> tuple[Tensor, ResultFormat]:
+    def _stages(self, local: Tensor, zeros: bool):
         payload, fmt = self._signs(local, zeros)
         gathered = payload.new_empty(self.ranks * payload.numel())
         self.traffic.add("all_gather", payload)
-        self._wait(dist.all_gather_single(gathered, payload, group=self.group, async_op=True))
+        work = dist.all_gather_single(gathered, payload, group=self.group, async_op=True)
+        yield
+        self._wait(work)
         # Beyond 127 ranks only the majority vote gets here: sign(S) is all it needs.
         counts = self._count(gathered.view(self.ranks, -1), fmt, self.ranks > INT8_MAX_RANKS)
         return counts.view(torch.uint8), RAW8
 
 
 class PackedTransport(_Transport):
-    def exchange(self, local: Tensor, zeros: bool) -> tuple[Tensor, ResultFormat]:
+    def _stages(self, local: Tensor, zeros: bool):
         payload, fmt = self._signs(local, zeros)
         received = torch.empty_like(payload)
         self.traffic.add("all_to_all", payload)
-        self._wait(dist.all_to_all_single(received, payload, group=self.group, async_op=True))
+        work = dist.all_to_all_single(received, payload, group=self.group, async_op=True)
+        yield
+        self._wait(work)
         counts = self._count(received.view(self.ranks, -1), fmt, self.vote == "majority")
         out_fmt = result_format(self.vote, self.ranks, zeros)
         kernel = self._kernel(counts)
@@ -171,7 +202,9 @@ class PackedTransport(_Transport):
             mine = encode_result(counts.to(torch.int32), self.vote, out_fmt)
         gathered = mine.new_empty(self.ranks * mine.numel())
         self.traffic.add("all_gather", mine)
-        self._wait(dist.all_gather_single(gathered, mine, group=self.group, async_op=True))
+        work = dist.all_gather_single(gathered, mine, group=self.group, async_op=True)
+        yield
+        self._wait(work)
         return gathered, out_fmt
 
 

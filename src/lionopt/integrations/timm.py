@@ -30,10 +30,21 @@ def register(registry=None) -> tuple[str, ...]:
 
     registry = default_registry if registry is None else registry
     infos = (
-        OptimInfo("lionopt", Lion, "lionopt's Lion: fused CPU/Triton kernels", has_eps=False,
-                  has_betas=True),
-        OptimInfo("clionopt", Lion, "lionopt's Cautious Lion", has_eps=False, has_betas=True,
-                  defaults={"cautious": True}),
+        OptimInfo(
+            "lionopt",
+            Lion,
+            "lionopt's Lion: fused CPU/Triton kernels",
+            has_eps=False,
+            has_betas=True,
+        ),
+        OptimInfo(
+            "clionopt",
+            Lion,
+            "lionopt's Cautious Lion",
+            has_eps=False,
+            has_betas=True,
+            defaults={"cautious": True},
+        ),
         OptimInfo("signumopt", Signum, "lionopt's Signum", has_eps=False),
         OptimInfo("tigeropt", Tiger, "lionopt's Tiger", has_eps=False),
     )

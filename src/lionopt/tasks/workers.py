@@ -16,7 +16,13 @@ from torch import Tensor
 
 from lionopt.distributed.simulate import SimulatedDistributedLion
 from lionopt.hparams import DEFAULT_FACTOR, from_adamw
-from lionopt.tasks.protocol import RunResult, eval_steps, lr_factor, train_run
+from lionopt.tasks.protocol import (
+    RunResult,
+    eval_steps,
+    lr_factor,
+    optimizer_params,
+    train_run,
+)
 
 __all__ = ["METHODS", "train_workers"]
 
@@ -29,16 +35,20 @@ METHODS = {
 }
 
 
-def train_workers(task, data, plan, method: str, workers: int, *, evals: int = 20, factor=None):
+def train_workers(
+    task, data, plan, method: str, workers: int, *, evals: int = 20, factor=None, decay="groups"
+):
     """Train ``method`` (a key of ``METHODS``) on ``task`` from ``plan`` with ``workers``
-    virtual workers at equal tokens; returns a ``RunResult``. The lr schedule and the
-    hyperparameters are those of ``lionopt compare`` (Lion's from the task's AdamW ones)."""
+    virtual workers at equal tokens; returns a ``RunResult``. The lr schedule, the
+    hyperparameters and the weight-decay groups (``decay``, as ``train_run``'s) are those of
+    ``lionopt compare`` (Lion's from the task's AdamW ones). One worker voting alone is
+    exactly global Lion."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     factor = DEFAULT_FACTOR if factor is None else factor
     vote = METHODS[method][1]
     if vote is None:
-        result = train_run(task, data, plan, method, evals=evals, factor=factor)
+        result = train_run(task, data, plan, method, evals=evals, factor=factor, decay=decay)
         result.optimizer = method
         return result
     if plan.batch_size % workers:
@@ -49,14 +59,18 @@ def train_workers(task, data, plan, method: str, workers: int, *, evals: int = 2
     model.load_state_dict(plan.init_state)
     model.train()
     hparams = from_adamw(task.adamw_lr, task.adamw_weight_decay, factor)
-    optimizer = SimulatedDistributedLion(model.parameters(), **hparams, workers=workers, vote=vote)
-    peak = optimizer.param_groups[0]["lr"]
+    optimizer = SimulatedDistributedLion(
+        optimizer_params(model, decay), **hparams, workers=workers, vote=vote
+    )
+    task.start_run(data, plan.seed)
+    peaks = [group["lr"] for group in optimizer.param_groups]
     per_worker = plan.batch_size // workers
     checkpoints = set(eval_steps(plan.steps, evals))
     history: dict[str, list] = {"step": [], "train_loss": [], "val_loss": [], "val_metric": []}
-    loss_sum, loss_count, diverged, step_time = 0.0, 0, False, 0.0
+    loss_sum, loss_count, diverged, step_time = torch.zeros(()), 0, False, 0.0
     for step in range(plan.steps):
-        optimizer.param_groups[0]["lr"] = peak * lr_factor(step, plan.steps)
+        for group, peak in zip(optimizer.param_groups, peaks):  # as train_run's LambdaLR
+            group["lr"] = peak * lr_factor(step, plan.steps)
         batch = plan.batches[step]
 
         def closure(worker: int, batch=batch) -> Tensor:
@@ -74,14 +88,14 @@ def train_workers(task, data, plan, method: str, workers: int, *, evals: int = 2
             val_loss, val_metric = task.evaluate(model, data)
             model.train()
             history["step"].append(step + 1)
-            train_loss = loss_sum / loss_count
+            train_loss = loss_sum.item() / loss_count
             for key, value in (
                 ("train_loss", train_loss),
                 ("val_loss", val_loss),
                 ("val_metric", val_metric),
             ):
                 history[key].append(value if math.isfinite(value) else None)
-            loss_sum, loss_count = 0.0, 0
+            loss_sum, loss_count = torch.zeros(()), 0
             if not math.isfinite(train_loss):
                 diverged = True
                 break
@@ -100,7 +114,7 @@ def train_workers(task, data, plan, method: str, workers: int, *, evals: int = 2
         diverged=diverged,
         state_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
         param_count=sum(p.numel() for p in model.parameters()),
-        optimizer_step_ms=float("nan"),
+        optimizer_step_ms=None,  # step() includes the workers' forward and backward passes
         train_step_ms=1000 * step_time / max(1, plan.steps),
         wall_s=time.perf_counter() - start,
     )
