@@ -212,3 +212,13 @@ def test_duplicate_parameters_in_one_group_are_refused():
     opt = lionopt.Lion([nn.Parameter(torch.randn(2))])
     with pytest.raises(ValueError, match="twice"):
         opt.add_param_group({"params": [p, p]})
+
+
+def test_copied_and_saved_models_carry_no_ownership(tmp_path):
+    model = _model()
+    lionopt.Lion(model.parameters(), step_in_backward=True)
+    twin = copy.deepcopy(model)
+    lionopt.Lion(twin.parameters(), step_in_backward=True)  # the copy is free to release
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    lionopt.Lion(loaded.parameters(), step_in_backward=True)

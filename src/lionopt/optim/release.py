@@ -41,8 +41,27 @@ from torch import Tensor
 
 __all__ = ["GradientRelease"]
 
-# Each released parameter carries a weak reference to its optimizer under this attribute.
-_OWNER = "_lionopt_step_in_backward_owner"
+# id(param) -> (weak ref to the param, weak ref to its optimizer). Kept here, not on the
+# tensor, so that copying or pickling a model carries no ownership along.
+_OWNERS: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+
+
+def _owner(p: Tensor) -> Any:
+    entry = _OWNERS.get(id(p))
+    if entry is None or entry[0]() is not p:
+        return None
+    return entry[1]()
+
+
+def _set_owner(p: Tensor, optimizer_ref: weakref.ref) -> None:
+    key = id(p)
+
+    def forget(_ref, key=key):
+        entry = _OWNERS.get(key)
+        if entry is not None and entry[0] is _ref:
+            del _OWNERS[key]
+
+    _OWNERS[key] = (weakref.ref(p, forget), optimizer_ref)
 
 
 class GradientRelease:
@@ -65,8 +84,7 @@ class GradientRelease:
                     f"step_in_backward=True needs leaf tensors; parameter {i} is not a leaf "
                     "(it was computed from other tensors), so it has no gradient hook"
                 )
-            owner = getattr(p, _OWNER, None)
-            other = owner() if owner is not None else None
+            other = _owner(p)
             if other is not None and other is not optimizer:
                 raise ValueError(
                     f"parameter {i} already belongs to another optimizer with "
@@ -79,7 +97,7 @@ class GradientRelease:
         for p in group["params"]:
             if not p.requires_grad:
                 continue
-            setattr(p, _OWNER, self._optimizer)
+            _set_owner(p, self._optimizer)
             self._params.append(p)
             self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
         self._layout = ()  # rebuild the map at the next hook
@@ -90,8 +108,9 @@ class GradientRelease:
             handle.remove()
         self._handles.clear()
         for p in self._params:
-            if getattr(p, _OWNER, None) is self._optimizer:
-                delattr(p, _OWNER)
+            entry = _OWNERS.get(id(p))
+            if entry is not None and entry[0]() is p and entry[1] is self._optimizer:
+                del _OWNERS[id(p)]
         self._params.clear()
 
     @contextlib.contextmanager
