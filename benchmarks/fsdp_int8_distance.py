@@ -79,7 +79,7 @@ def _worker(rank, args, port):
                 )
         for opt in runs.values():
             opt.step()
-    sharded = [p.full_tensor() for p in root.parameters()]
+    sharded = [p.detach().full_tensor() for p in root.parameters()]
     if rank == 0:
         print(f"world {args.world}, {args.steps} steps, lr {LR}, shapes {SHAPES}")
         print(
@@ -89,7 +89,11 @@ def _worker(rank, args, port):
         print("|---|---|---:|---:|")
         totals = [0, 0, 0.0, 0, 0.0]
         for i, shape in enumerate(SHAPES):
-            a, b, c = sharded[i], list(whole8.parameters())[i], list(whole32.parameters())[i]
+            a, b, c = (
+                sharded[i],
+                list(whole8.parameters())[i].detach(),
+                list(whole32.parameters())[i].detach(),
+            )
             d1, d2 = (a - b).abs(), (b - c).abs()
             rows = [len(x) for x in torch.arange(shape[0]).chunk(args.world)]
             print(

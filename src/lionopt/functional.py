@@ -11,7 +11,8 @@ each group with one of three bodies:
   the default where one supports the group; otherwise the group falls back to foreach (with one
   warning when ``fused=True`` was asked for);
 - ``foreach``: ``kernels.foreach.multi_tensor`` (``torch._foreach_*`` ops), the default
-  elsewhere and under ``torch.compile``;
+  elsewhere; under ``torch.compile`` the fused CPU step is a custom op
+  (``lionopt::lion_step_``) that the compiled graph keeps, and other groups use foreach;
 - ``single``: ``kernels.reference.single_tensor``, the per-tensor reference loop.
 
 ``group_tensors`` is the one place where the lists become groups: a distributed caller can
@@ -36,7 +37,7 @@ from lionopt.state.formats import INT8_KIND, PLAIN_KIND
 
 __all__ = ["group_tensors", "lion", "resolve_impl", "stats_for"]
 
-SINGLE, MULTI, FUSED = "single", "multi", "fused"
+SINGLE, MULTI, FUSED, COMPILED = "single", "multi", "fused", "compiled"
 
 
 def lion(
@@ -107,6 +108,13 @@ def lion(
         params, hyper, finish = dtensor.stage_rounding(params, hyper)
     impl = resolve_impl(foreach, fused, compiling)
     fallback = SINGLE if foreach is False else MULTI
+    if impl == FUSED and dtensor.any_wrapper(params):
+        impl = fallback  # a wrapper subclass: torch ops only, never its raw pointers
+        if fused:
+            registry.warn_once(
+                "lionopt: fused=True is not supported for tensor subclasses (their data_ptr() "
+                "is not their data); using the foreach path."
+            )
     count = len(params)
     for group in group_tensors(params, grads, exp_avgs, exp_avg_scales):
         group_hyper = hyper.subset(group.indices, count) if len(group) != count else hyper
@@ -128,16 +136,17 @@ def _traced_lr(lr: float) -> Tensor:
 
 
 def resolve_impl(foreach: bool | None, fused: bool | None, compiling: bool = False) -> str:
-    """``"single"``, ``"multi"`` or ``"fused"`` from the tri-state flags (torch's semantics).
+    """``"single"``, ``"multi"``, ``"fused"`` or ``"compiled"`` from the tri-state flags
+    (torch's semantics).
 
-    Under ``torch.compile`` the compiled kernels are opaque to the tracer, so ``None`` means
-    foreach there (Inductor fuses the foreach ops itself).
+    Under ``torch.compile`` only backends with a traceable step (a custom op) can be fused
+    (``"compiled"``); groups they do not take use foreach, which Inductor fuses itself.
     """
-    if foreach is False and (fused is False or compiling):
+    if foreach is False and fused is False:
         return SINGLE
-    if foreach or fused is False or compiling:
+    if foreach or fused is False:
         return MULTI
-    return FUSED
+    return COMPILED if compiling else FUSED
 
 
 def step_group(
@@ -149,6 +158,10 @@ def step_group(
     explicit: bool = False,
 ) -> None:
     """Step one group with ``impl``; a group no fused backend takes goes to ``fallback``."""
+    if impl == COMPILED:
+        if group.fusable and group.stats.local and registry.compiled_step(group, hyper):
+            return
+        impl = MULTI
     if impl == FUSED:
         fusable = group.fusable and (group.stats.local or not hyper.cautious)
         backend = registry.select(group, hyper, explicit=explicit) if fusable else None

@@ -168,7 +168,7 @@ def case_deepspeed(rank, world, tmp):
         for kwargs in ({}, dict(momentum_dtype=torch.bfloat16)):
             engine = _deepspeed_engine(stage, **kwargs)
             _ds_train(engine, rank, 0, SAVE_AT)
-            tag = f"stage{stage}{'_bf16' if kwargs else ''}"
+            tag = f"stage{stage}_{kwargs.get('momentum_dtype', 'fp32')}".replace("torch.", "")
             engine.save_checkpoint(os.path.join(tmp, "ds"), tag=tag)
             _ds_train(engine, rank, SAVE_AT, STEPS)
             ref = _reference(world, torch.float32, STEPS, **kwargs)

@@ -39,6 +39,8 @@ WORLD4 = [
     "tiger_nan",
     "tiger_groups",
     "mixed_group",
+    "diagnostics",
+    "tiger_int8",
     *(f"hsdp_{n}" for n in C.HSDP_PATHS),
     *(f"dcp_{n}" for n in C.DCP_PATHS),
 ]

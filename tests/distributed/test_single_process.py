@@ -127,3 +127,32 @@ def test_flat_partition_is_fine_for_plain_lion_and_shape_keeping_swaps():
         p.grad = torch.randn_like(p)
     opt2.param_groups[0]["params"] = swapped  # Accelerate-style: same shapes
     opt2.step()
+
+
+@pytest.mark.parametrize("kwargs", [{}, dict(fused=True), dict(momentum_dtype=torch.bfloat16)])
+def test_wrapper_subclass_never_reaches_a_fused_kernel(kwargs):
+    """A wrapper tensor subclass (its data_ptr() is not its data) used to crash the fused
+    kernels (SIGSEGV); it goes to the foreach path, whose torch ops it dispatches itself."""
+    two_tensor = pytest.importorskip("torch.testing._internal.two_tensor")
+    torch.manual_seed(0)
+    a, b = torch.randn(300), torch.randn(300)
+    plain = nn.Parameter(a.clone())
+    wrapped = nn.Parameter(two_tensor.TwoTensor(a.clone(), b.clone()))
+    opt_plain = Lion([plain], lr=0.1, weight_decay=0.1, **kwargs)
+    opt = Lion([wrapped], lr=0.1, weight_decay=0.1, **kwargs)
+    for step in range(3):
+        ga, gb = torch.randn(300), torch.randn(300)
+        plain.grad = ga.clone()
+        wrapped.grad = two_tensor.TwoTensor(ga.clone(), gb)
+        with pytest.warns(RuntimeWarning) if kwargs.get("fused") and step == 0 else _nothing():
+            opt.step()
+        opt_plain.step()
+    assert torch.equal(wrapped.detach().a, plain.detach())
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -38,18 +38,40 @@ from lionopt.state.formats import INT8_KIND, PLAIN_KIND
 
 try:
     import torch.distributed as dist
-    from torch.distributed.tensor import Partial, Shard
+    from torch.distributed.tensor import DTensor, Partial, Shard
 except ImportError:  # pragma: no cover
-    dist = None
+    dist = DTensor = None
 
 __all__ = [
     "MeshStats",
     "any_dtensor",
+    "any_wrapper",
     "check_group",
     "global_index",
     "group_tensors",
+    "local",
+    "reduce_rows",
     "stage_rounding",
 ]
+
+
+_DEFAULT_DISPATCH = torch.Tensor.__torch_dispatch__
+_PLAIN = frozenset({torch.Tensor, torch.nn.Parameter})
+
+
+def any_wrapper(*lists: Sequence[Tensor]) -> bool:
+    """Whether a tensor is a wrapper subclass other than DTensor (its own
+    ``__torch_dispatch__``: FakeTensor, torchao's, test subclasses): its ``data_ptr()`` is not
+    its data, so it must never reach a fused kernel. ``nn.Parameter`` and plain subclasses of
+    it are not wrappers; DTensors are stepped on their local shards."""
+    types = set()
+    for tensors in lists:
+        types.update(map(type, tensors))  # C speed: a step may hold thousands of tensors
+    return any(
+        cls.__torch_dispatch__ is not _DEFAULT_DISPATCH
+        and not (DTensor is not None and issubclass(cls, DTensor))
+        for cls in types - _PLAIN
+    )
 
 
 def _shard_dims(tensor: Tensor) -> tuple[int, ...]:
@@ -77,6 +99,13 @@ def _reduce(values: Tensor, tensors: Sequence[Tensor | None], op, mesh=None, dim
     return values
 
 
+def reduce_rows(values: Tensor, tensors: Sequence[Tensor], op: str) -> Tensor:
+    """``values[i]`` (a row of figures of ``tensors[i]``'s local shard) summed ("sum") or
+    maxed ("max") over the mesh dims that shard ``tensors[i]``; plain tensors' rows as they are."""
+    reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
+    return _reduce(values.clone(), tensors, reduce_op)
+
+
 class MeshStats(LocalStats):
     """Whole-tensor statistics of sharded tensors: local figures reduced over the mesh.
 
@@ -94,7 +123,8 @@ class MeshStats(LocalStats):
     def numel(self, tensor: Tensor) -> int:
         if is_dtensor(tensor) or self.mesh is None or not self.dims:
             return tensor.numel()
-        count = torch.tensor([float(tensor.numel())], dtype=torch.float64)
+        device = torch.device(self.mesh.device_type)  # NCCL reduces device tensors only
+        count = torch.tensor([float(tensor.numel())], dtype=torch.float64, device=device)
         return int(_reduce(count, [None], dist.ReduceOp.SUM, self.mesh, self.dims)[0])
 
     def mean(self, tensor: Tensor) -> Tensor:
@@ -103,7 +133,7 @@ class MeshStats(LocalStats):
         figures = torch.stack(
             [
                 shard.sum(dtype=torch.float64),
-                torch.tensor(float(shard.numel()), dtype=torch.float64),
+                torch.tensor(float(shard.numel()), dtype=torch.float64, device=shard.device),
             ]
         ).unsqueeze(0)
         figures = _reduce(figures, [tensor], dist.ReduceOp.SUM, self.mesh, self.dims)[0]
@@ -159,6 +189,7 @@ def check_group(
     rounding: bool = False,
 ) -> None:
     """ValueError for a tensor the local-shard step cannot take; checks all before any step."""
+    checked = set()  # placements already checked (one tuple per layout, not per tensor)
     for i, (p, g, m) in enumerate(zip(params, grads, exp_avgs, strict=True)):
         quantized = exp_avg_scales is not None and exp_avg_scales[i] is not None
         if not is_dtensor(p):
@@ -168,7 +199,7 @@ def check_group(
                     f"momentum {describe(m)}: use DTensors for all three or for none"
                 )
             continue
-        for placement in p.placements:
+        for placement in () if p.placements in checked else p.placements:
             if isinstance(placement, Partial):
                 raise ValueError(
                     f"parameter {i} has a Partial placement ({tuple(p.placements)}): its local "
@@ -179,6 +210,7 @@ def check_group(
                     f"parameter {i} has placement {placement}: stochastic rounding needs each "
                     "element's global index, implemented for Shard and Replicate placements"
                 )
+        checked.add(p.placements)
         if not is_dtensor(g) or not same_layout(p, g):
             raise ValueError(
                 f"parameter {i} is {describe(p)}, its gradient {describe(g)}: the step runs on "

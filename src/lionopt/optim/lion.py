@@ -75,6 +75,10 @@ class Lion(LionFamily):
             fp16 parameters are not supported.
         seed: the seed of stochastic rounding (saved with the group; default 0, so runs and
             data-parallel ranks round identically).
+        step_in_backward: gradient release: step each parameter inside the backward pass as
+            soon as its gradient is accumulated, and free the gradient (``step()`` then only
+            advances counters). Bitwise the same steps; no closures, GradScaler or global-norm
+            clipping; ``accumulate_grads()`` for micro-batches. See ``lionopt.optim.release``.
     """
 
     def __init__(
@@ -94,6 +98,7 @@ class Lion(LionFamily):
         momentum_dtype: torch.dtype | str | None = None,
         stochastic_rounding: bool = False,
         seed: int = 0,
+        step_in_backward: bool = False,
     ) -> None:
         if fused and foreach:
             raise ValueError("`fused` and `foreach` cannot be `True` together.")
@@ -112,7 +117,7 @@ class Lion(LionFamily):
             stochastic_rounding=stochastic_rounding,
             seed=seed,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, step_in_backward=step_in_backward)
 
     GROUP_DEFAULTS: ClassVar[dict[str, Any]] = {
         "maximize": False,

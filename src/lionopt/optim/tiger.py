@@ -84,6 +84,8 @@ class Tiger(LionFamily):
         foreach, fused: the implementation of the update, as in ``lionopt.Lion``.
         momentum_dtype, stochastic_rounding, seed: as in ``lionopt.Lion`` (bf16 or 8-bit
             momentum; the math is fp32 and each micro-step stores the momentum once).
+        step_in_backward: gradient release, as in ``lionopt.Lion``: each micro-step runs in
+            backward, and ``step()`` advances the micro-step counter.
     """
 
     GROUP_DEFAULTS: ClassVar[dict[str, Any]] = {
@@ -108,6 +110,7 @@ class Tiger(LionFamily):
         momentum_dtype: torch.dtype | str | None = None,
         stochastic_rounding: bool = False,
         seed: int = 0,
+        step_in_backward: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -126,11 +129,16 @@ class Tiger(LionFamily):
             seed=seed,
             micro_step=0,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, step_in_backward=step_in_backward)
 
     @classmethod
     def validate_group(cls, group: dict[str, Any]) -> None:
         _validate_group(group)
+
+    def _released_group(self, group: dict[str, Any]) -> None:
+        """Under gradient release the micro-steps ran in backward: advance the counter."""
+        last = group["micro_step"] >= group["accum_steps"] - 1
+        group["micro_step"] = 0 if last else group["micro_step"] + 1
 
     def _whole_tensor_rule(self, group: dict[str, Any]) -> str | None:
         return "Tiger"

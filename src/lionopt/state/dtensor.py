@@ -49,7 +49,7 @@ def is_dtensor(tensor: object) -> bool:
 
 def any_dtensor(*lists) -> bool:
     """Whether any tensor in ``lists`` is a DTensor."""
-    if DTensor is None:
+    if DTensor is None or not torch.distributed.is_initialized():  # no mesh, no DTensor
         return False
     return any(isinstance(t, DTensor) for tensors in lists for t in tensors)
 
@@ -74,7 +74,8 @@ def like(param: Tensor, shard: Tensor) -> Tensor:
 
 
 def same_layout(a: Tensor, b: Tensor) -> bool:
-    return a.device_mesh == b.device_mesh and tuple(a.placements) == tuple(b.placements)
+    mesh_a, mesh_b = a.device_mesh, b.device_mesh
+    return (mesh_a is mesh_b or mesh_a == mesh_b) and a.placements == b.placements
 
 
 def describe(tensor: Tensor) -> str:

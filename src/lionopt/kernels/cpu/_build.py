@@ -1,6 +1,6 @@
 """Compile a C++ source into a shared library on first use, cached, and load it with ctypes.
 
-Same recipe as ``fused_cpu``: ``$CXX`` (default ``c++``) with ``-O3 -ffp-contract=off
+Same recipe as ``kernels.cpu.plain``: ``$CXX`` (default ``c++``) with ``-O3 -ffp-contract=off
 -fno-trapping-math`` (plus ``-mavx2 -mfma`` where the CPU has them) and ``-fopenmp`` when it links, into
 ``$LIONOPT_CACHE_DIR`` or ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``),
 under a folder named by a hash of the source, flags and compiler. The build writes a temporary

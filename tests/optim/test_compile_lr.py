@@ -60,7 +60,7 @@ def test_float_lr_with_lambdalr_recompiles_once_and_matches_eager(options):
         return lionopt.Lion(params, lr=1e-2, weight_decay=0.1, **options)
 
     graphs, model, opt = _graphs(make)
-    # torch's AdamW in the same loop: 2 (python /tmp/recompile.py in NOTES-ecosystem.md)
+    # torch's AdamW in the same loop: 2 (benchmarks/compile_recompiles.py)
     assert graphs == 2, f"{graphs} graphs for {STEPS} lr values (1 = no recompile)"
     eager, eager_opt = _run(make, compiled=False)
     for p, q in zip(model.parameters(), eager.parameters()):
