@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--quick", action="store_true", help="the tasks' quick step budgets")
+    parser.add_argument("--steps", type=int, default=None, help="steps for every task")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -47,7 +48,7 @@ def main() -> None:
     for task_name in args.tasks:
         task = get_task(task_name)
         data = task.load()
-        steps = task.quick_steps if args.quick else task.steps
+        steps = args.steps or (task.quick_steps if args.quick else task.steps)
         for workers in args.workers:
             batch = PER_WORKER_BATCH.get(task_name, task.batch_size // 4) * workers
             for seed in args.seeds:
@@ -64,8 +65,8 @@ def main() -> None:
                         flush=True,
                     )
     report = {
-        "command": "python benchmarks/distributed_lion_quality.py"
-        + (" --quick" if args.quick else ""),
+        "command": "python benchmarks/distributed_lion_quality.py "
+        + " ".join(__import__("sys").argv[1:]),
         "per_worker_batch": PER_WORKER_BATCH,
         "seconds": time.perf_counter() - started,
         "runs": results,
