@@ -159,3 +159,13 @@ def test_decay_follows_the_schedule_not_the_lr_scale(scale, weight_decay, multip
         opt.step()
         expected *= 1 - weight_decay * multiplier
     torch.testing.assert_close(p.detach(), torch.full((2,), expected, dtype=torch.float64))
+
+
+def test_lr_zero_needs_an_explicit_max_lr() -> None:
+    p = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match="pass max_lr"):
+        Lion([p], lr=0.0, weight_decay=0.1, decouple_lr=True)
+    opt = Lion([p], lr=0.0, weight_decay=0.1, decouple_lr=True, max_lr=1e-3)
+    p.grad = torch.ones(3)
+    opt.step()
+    assert torch.equal(p.detach(), torch.ones(3))

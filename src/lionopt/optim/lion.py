@@ -154,6 +154,11 @@ class Lion(LionFamily):
 
     def _group_added(self, group: dict[str, Any]) -> None:
         if group["decouple_lr"] and group["max_lr"] is None:
+            if as_float(group["lr"]) == 0.0:
+                raise ValueError(
+                    "decouple_lr=True divides the decay by max_lr, which defaults to the lr: "
+                    "with lr=0 pass max_lr (the peak lr of the schedule)"
+                )
             group["max_lr"] = as_float(group["lr"])
 
     def _whole_tensor_rule(self, group: dict[str, Any]) -> str | None:
