@@ -10,6 +10,7 @@ a lazy import counts too. Layers, bottom to top: ``state`` < ``kernels`` < ``fun
 from __future__ import annotations
 
 import ast
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -24,9 +25,12 @@ LAYERS = {
     "hparams": 0,
     "memory": 0,
     "optim": 3,
+    "distributed": 3,
     "lion": 3,
     "variants": 3,
     "diagnostics": 4,
+    "convert": 4,
+    "integrations": 5,
     "bench": 5,
     "tasks": 5,
     "cli": 6,
@@ -60,6 +64,7 @@ def _imports(path: Path, name: str) -> set[str]:
     return found
 
 
+@cache
 def _graph() -> dict[str, set[str]]:
     paths = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
     graph = {}

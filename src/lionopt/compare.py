@@ -71,7 +71,9 @@ class CallbackTask(Task):
             if not callable(fn):
                 raise ValueError(f"lionopt.compare.run: {key} must be callable")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"lionopt.compare.run: steps must be a positive integer, got {steps!r}")
+            raise ValueError(
+                f"lionopt.compare.run: steps must be a positive integer, got {steps!r}"
+            )
         self._make_model, self._make_batches = make_model, make_batches
         self._train_step, self._evaluate = train_step, evaluate
         self._batches = None

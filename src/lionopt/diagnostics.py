@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lionopt.kernels import dtensor
 from lionopt.optim.base import as_float as _as_float
 from lionopt.optim.lion import Lion
 from lionopt.optim.tiger import Tiger
@@ -112,10 +113,14 @@ def _equilibrium(group: dict[str, Any], lr: float, decay: float) -> float:
     return math.sqrt(lr / (2 * decay))
 
 
-def _direction(optimizer: Optimizer, group: dict[str, Any], p: Tensor, after_step: bool) -> Tensor:
+def _direction(
+    optimizer: Optimizer, group: dict[str, Any], p: Tensor, after_step: bool, sharded: bool = False
+) -> Tensor:
     """The update direction c (up to a positive factor) for parameter ``p``."""
     g = -p.grad if group.get("maximize") else p.grad
     m = optimizer.state.get(p, {}).get("exp_avg")
+    if sharded:  # local shards (an 8-bit momentum's codes are the shard's already)
+        g, m = dtensor.local(g), None if m is None else dtensor.local(m)
     if m is None:
         return g
     g = g.to(m.dtype)
@@ -136,32 +141,46 @@ def _direction(optimizer: Optimizer, group: dict[str, Any], p: Tensor, after_ste
 def _group_sums(
     optimizer: Optimizer, group: dict[str, Any], decay: float, box_tol: float, after_step: bool
 ) -> dict[str, Tensor]:
-    """0-dim float64 tensors on the parameters' device; the caller reads them in one sync."""
+    """0-dim float64 tensors on the parameters' device; the caller reads them in one sync.
+
+    DTensor parameters (FSDP2): the figures of each local shard, reduced over the mesh (sums
+    summed, the max maxed), so they equal the unsharded figures.
+    """
     f64 = torch.float64
     params = [p for p in group["params"] if p.numel()]
-    zero = torch.zeros((), dtype=f64, device=group["params"][0].device)
-    square_sum, abs_max, at_box, agree, nonfinite = [zero], [zero], [zero], [zero], [zero]
-    graded = 0
+    sharded = dtensor.any_dtensor(params)
+    device = dtensor.local(group["params"][0]).device
+    zero = torch.zeros((), dtype=f64, device=device)
+    rows = []  # per parameter: square_sum, abs_max, at_box, agree, nonfinite, grad_numel
     for p in params:
-        theta = p.detach()
-        square_sum.append(torch.linalg.vector_norm(theta, dtype=f64).square())
-        abs_max.append(theta.abs().max().to(f64))
-        if decay > 0:
-            at_box.append((theta.abs() * decay >= 1 - box_tol).sum(dtype=f64))
+        theta = dtensor.local(p.detach())
+        row = [
+            torch.linalg.vector_norm(theta, dtype=f64).square(),
+            theta.abs().amax().to(f64) if theta.numel() else zero,
+            (theta.abs() * decay >= 1 - box_tol).sum(dtype=f64) if decay > 0 else zero,
+        ]
         if p.grad is None:
+            rows.append(torch.stack([*row, zero, zero, zero]))
             continue
-        g = -p.grad if group.get("maximize") else p.grad
-        c = _direction(optimizer, group, p, after_step)
-        agree.append((torch.sign(c) * g.to(c.dtype) > 0).sum(dtype=f64))
-        nonfinite.append((~torch.isfinite(g)).sum(dtype=f64))
-        graded += g.numel()
+        g = dtensor.local(-p.grad if group.get("maximize") else p.grad)
+        c = dtensor.local(_direction(optimizer, group, p, after_step, sharded))
+        row.append((torch.sign(c) * g.to(c.dtype) > 0).sum(dtype=f64))
+        row.append((~torch.isfinite(g)).sum(dtype=f64))
+        row.append(zero + g.numel())
+        rows.append(torch.stack([t.to(device) for t in row]))
+    figures = torch.stack(rows) if rows else torch.zeros((1, 6), dtype=f64, device=device)
+    if sharded:
+        sums = dtensor.reduce_rows(figures[:, [0, 2, 3, 4, 5]], params, "sum")
+        maxima = dtensor.reduce_rows(figures[:, [1]], params, "max")
+        figures = torch.cat([sums[:, :1], maxima, sums[:, 1:]], dim=1)
+    totals = figures.sum(dim=0)
     return {
-        "square_sum": _total(square_sum),
-        "abs_max": torch.stack([t.to(zero.device) for t in abs_max]).max(),
-        "at_box": _total(at_box),
-        "agree": _total(agree),
-        "nonfinite": _total(nonfinite),
-        "grad_numel": zero + graded,
+        "square_sum": totals[0],
+        "abs_max": figures[:, 1].max(),
+        "at_box": totals[2],
+        "agree": totals[3],
+        "nonfinite": totals[4],
+        "grad_numel": totals[5],
     }
 
 

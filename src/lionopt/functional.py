@@ -11,7 +11,8 @@ each group with one of three bodies:
   the default where one supports the group; otherwise the group falls back to foreach (with one
   warning when ``fused=True`` was asked for);
 - ``foreach``: ``kernels.foreach.multi_tensor`` (``torch._foreach_*`` ops), the default
-  elsewhere and under ``torch.compile``;
+  elsewhere; under ``torch.compile`` the fused CPU step is a custom op
+  (``lionopt::lion_step_``) that the compiled graph keeps, and other groups use foreach;
 - ``single``: ``kernels.reference.single_tensor``, the per-tensor reference loop.
 
 ``group_tensors`` is the one place where the lists become groups: a distributed caller can
@@ -27,16 +28,16 @@ from operator import attrgetter
 import torch
 from torch import Tensor
 
-from lionopt.kernels import registry
+from lionopt.kernels import dtensor, registry
 from lionopt.kernels.foreach import multi_tensor
-from lionopt.kernels.group import TensorGroup
+from lionopt.kernels.group import LOCAL_STATS, LocalStats, TensorGroup
 from lionopt.kernels.hyper import LionHyper
 from lionopt.kernels.reference import single_tensor
 from lionopt.state.formats import INT8_KIND, PLAIN_KIND
 
-__all__ = ["group_tensors", "lion", "resolve_impl"]
+__all__ = ["group_tensors", "lion", "resolve_impl", "stats_for"]
 
-SINGLE, MULTI, FUSED = "single", "multi", "fused"
+SINGLE, MULTI, FUSED, COMPILED = "single", "multi", "fused", "compiled"
 
 
 def lion(
@@ -85,6 +86,8 @@ def lion(
     compiling = torch.compiler.is_compiling()
     if isinstance(lr, Tensor) and not compiling:
         lr = lr.item()
+    if compiling and isinstance(lr, float) and foreach is not False:
+        lr = _traced_lr(lr)
     hyper = LionHyper(
         lr=lr,
         beta1=beta1,
@@ -97,25 +100,53 @@ def lion(
     )
     if not params:
         return
+    finish = None
+    if dtensor.any_dtensor(params, grads, exp_avgs):  # FSDP2: steps run on the local shards
+        dtensor.check_group(
+            params, grads, exp_avgs, exp_avg_scales, rounding=rounding_keys is not None
+        )
+        params, hyper, finish = dtensor.stage_rounding(params, hyper)
     impl = resolve_impl(foreach, fused, compiling)
     fallback = SINGLE if foreach is False else MULTI
+    if impl == FUSED and dtensor.any_wrapper(params):
+        impl = fallback  # a wrapper subclass: torch ops only, never its raw pointers
+        if fused:
+            registry.warn_once(
+                "lionopt: fused=True is not supported for tensor subclasses (their data_ptr() "
+                "is not their data); using the foreach path."
+            )
     count = len(params)
     for group in group_tensors(params, grads, exp_avgs, exp_avg_scales):
         group_hyper = hyper.subset(group.indices, count) if len(group) != count else hyper
         step_group(group, group_hyper, impl, fallback=fallback, explicit=bool(fused))
+    if finish is not None:
+        finish()
+
+
+def _traced_lr(lr: float) -> Tensor:
+    """A float lr as a 0-dim float64 tensor, so that ``torch.compile`` need not recompile per lr.
+
+    Dynamo turns a float that changed between calls into a graph input, but only if every use
+    is an op it can rewrite to take a tensor (``aten.mul`` with a scalar is one; the foreach
+    ops' scalar arguments are not). Multiplying a constant tensor by the float is such a use:
+    after one recompile the lr is an input, as for torch's AdamW. The math stays that of a
+    Python float (float64).
+    """
+    return torch.ones((), dtype=torch.float64) * lr
 
 
 def resolve_impl(foreach: bool | None, fused: bool | None, compiling: bool = False) -> str:
-    """``"single"``, ``"multi"`` or ``"fused"`` from the tri-state flags (torch's semantics).
+    """``"single"``, ``"multi"``, ``"fused"`` or ``"compiled"`` from the tri-state flags
+    (torch's semantics).
 
-    Under ``torch.compile`` the compiled kernels are opaque to the tracer, so ``None`` means
-    foreach there (Inductor fuses the foreach ops itself).
+    Under ``torch.compile`` only backends with a traceable step (a custom op) can be fused
+    (``"compiled"``); groups they do not take use foreach, which Inductor fuses itself.
     """
-    if foreach is False and (fused is False or compiling):
+    if foreach is False and fused is False:
         return SINGLE
-    if foreach or fused is False or compiling:
+    if foreach or fused is False:
         return MULTI
-    return FUSED
+    return COMPILED if compiling else FUSED
 
 
 def step_group(
@@ -127,6 +158,10 @@ def step_group(
     explicit: bool = False,
 ) -> None:
     """Step one group with ``impl``; a group no fused backend takes goes to ``fallback``."""
+    if impl == COMPILED:
+        if group.fusable and group.stats.local and registry.compiled_step(group, hyper):
+            return
+        impl = MULTI
     if impl == FUSED:
         fusable = group.fusable and (group.stats.local or not hyper.cautious)
         backend = registry.select(group, hyper, explicit=explicit) if fusable else None
@@ -153,13 +188,16 @@ def group_tensors(
     """
     if exp_avg_scales is not None and all(s is None for s in exp_avg_scales):
         exp_avg_scales = None
+    if dtensor.any_dtensor(params, grads, exp_avgs):
+        return dtensor.group_tensors(params, grads, exp_avgs, exp_avg_scales)
     if (
         exp_avg_scales is None
         and exp_avgs[0].dtype != torch.int8
         and _uniform(params, "device")
         and all(_uniform(tensors, "dtype") for tensors in (params, grads, exp_avgs))
     ):
-        return [TensorGroup(params, grads, exp_avgs, PLAIN_KIND, None, list(range(len(params))))]
+        indices = list(range(len(params)))
+        return [TensorGroup(params, grads, exp_avgs, PLAIN_KIND, None, indices, stats_for(params))]
     groups: dict[tuple, TensorGroup] = {}
     for i, (p, g, m) in enumerate(zip(params, grads, exp_avgs)):
         scale = None if exp_avg_scales is None else exp_avg_scales[i]
@@ -170,7 +208,7 @@ def group_tensors(
         group = groups.get(key)
         if group is None:
             group = groups[key] = TensorGroup(
-                [], [], [], kind, None if scale is None else [], indices=[]
+                [], [], [], kind, None if scale is None else [], [], stats_for((p,))
             )
         group.params.append(p)
         group.grads.append(g)
@@ -179,6 +217,19 @@ def group_tensors(
         if scale is not None:
             group.scales.append(scale)
     return list(groups.values())
+
+
+def stats_for(params: Sequence[Tensor]) -> LocalStats:
+    """The statistics object for these parameters: where whole-tensor figures are computed.
+
+    ``LocalStats`` (each tensor is whole in this process). ``group_tensors`` gives it to every
+    group, and Tiger and the diagnostics ask for it, so a sharded setup changes this one
+    function to return an implementation that reduces over the mesh: ``MeshStats`` for lists
+    holding DTensors (FSDP2).
+    """
+    if dtensor.any_dtensor(params):
+        return dtensor.MeshStats()
+    return LOCAL_STATS
 
 
 def _uniform(tensors: list[Tensor], attribute: str) -> bool:

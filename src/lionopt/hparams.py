@@ -313,7 +313,9 @@ def decay_groups(
         raise ValueError(f"Invalid embeddings choice: {embeddings!r} (use 'decay' or 'no_decay')")
     kinds = classify_parameters(model)
     decay = kinds["weight"] + (kinds["embedding"] if embeddings == "decay" else [])
-    no_decay = kinds["bias"] + kinds["gain"] + (kinds["embedding"] if embeddings == "no_decay" else [])
+    no_decay = (
+        kinds["bias"] + kinds["gain"] + (kinds["embedding"] if embeddings == "no_decay" else [])
+    )
     groups = [
         {"name": "decay", "params": decay, "weight_decay": weight_decay},
         {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},

@@ -52,7 +52,7 @@ def assert_same(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None
     nan_a, nan_e = actual.isnan(), expected.isnan()
     assert torch.equal(nan_a, nan_e), f"{what}: NaNs differ"
     a, e = actual.masked_fill(nan_a, 0), expected.masked_fill(nan_e, 0)
-    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
     assert torch.equal(a.view(bits), e.view(bits)), f"{what}: values differ"
 
 
@@ -111,6 +111,57 @@ def test_group_step_matches_the_reference_bitwise(dtype, option, statuses) -> No
         assert_same(optimizer.state[p]["exp_avg"], m, f"momentum {i}")
     assert statuses == [cpu_dispatch.STEPPED] * 29  # the first step made the layout
     assert not torch.equal(params[-1].detach(), start[-1])
+
+
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("options", [{}, {"maximize": True}, {"cautious_weight_decay": True}])
+def test_8bit_groups_step_in_one_cpp_call_bitwise_equal_to_python(
+    param_dtype, options, statuses
+) -> None:
+    """8-bit momentum (big tensors) and fp32 momentum (small ones) of one group: the C++ group
+    step runs both kernels; the same optimizer on the foreach path must agree bitwise."""
+    generator = torch.Generator().manual_seed(5)
+    shapes = [(64, 80), (300,), (4096,), (7,), (5000,), (1,)]
+    start = [torch.randn(s, generator=generator).to(param_dtype) for s in shapes]
+    params = [torch.nn.Parameter(t.clone()) for t in start]
+    twins = [torch.nn.Parameter(t.clone()) for t in start]
+    kwargs = dict(lr=0.01, weight_decay=0.5, momentum_dtype="int8", **options)
+    optimizer = Lion(params, **kwargs)
+    python = Lion(twins, foreach=True, **kwargs)
+    for step in range(15):
+        grads = [gradient(s, step, param_dtype, generator) for s in shapes]
+        for p, q, g in zip(params, twins, grads):
+            p.grad, q.grad = g, g.clone()
+        optimizer.step()
+        python.step()
+    for i, (p, q) in enumerate(zip(params, twins)):
+        assert_same(p.detach(), q.detach(), f"param {i}")
+        for key, value in python.state[q].items():
+            assert_same(optimizer.state[p][key], value, f"{key} {i}")
+    assert optimizer.state[params[0]]["exp_avg"].dtype == torch.int8
+    assert statuses == [cpu_dispatch.STEPPED] * 14  # the first step made the layout
+
+
+def test_8bit_group_step_declines_cautious_and_goes_stale_on_a_new_format(statuses) -> None:
+    generator = torch.Generator().manual_seed(6)
+    params = [torch.nn.Parameter(torch.randn(s, generator=generator)) for s in [(5000,), (30,)]]
+    optimizer = Lion(params, lr=0.01, momentum_dtype="int8", cautious=True)
+    for step in range(3):
+        for p in params:
+            p.grad = gradient(tuple(p.shape), step, torch.float32, generator)
+        optimizer.step()
+    assert statuses == [cpu_dispatch.DECLINED] * 2
+    statuses.clear()
+    optimizer.param_groups[0]["cautious"] = False
+    state = optimizer.state[params[0]]
+    del state["exp_avg_scale"]  # a plain momentum now sits where 8 bits belong
+    state["exp_avg"] = torch.zeros(5000)
+    for step in range(3):
+        for p in params:
+            p.grad = gradient(tuple(p.shape), step, torch.float32, generator)
+        optimizer.step()
+    assert statuses == [cpu_dispatch.STALE, cpu_dispatch.STEPPED, cpu_dispatch.STEPPED]
+    assert optimizer.state[params[0]]["exp_avg"].dtype == torch.int8
 
 
 @pytest.mark.parametrize(

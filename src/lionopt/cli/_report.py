@@ -397,9 +397,7 @@ def compare_plots(report: dict, out_dir: Path) -> dict[str, str]:
             runs = [
                 r
                 for r in task["runs"]
-                if r.get("row", r["optimizer"]) == name
-                and not r.get("error")
-                and not r["diverged"]
+                if r.get("row", r["optimizer"]) == name and not r.get("error") and not r["diverged"]
             ]
             if not runs:
                 continue

@@ -214,7 +214,10 @@ def reused_rows(path: str, name: str) -> tuple[dict, dict]:
             if spec.get("lr") is not None
         }
         if rows:
-            return rows, {"tuning": entry.get("tuning", {}), "calibration": entry.get("calibration")}
+            return rows, {
+                "tuning": entry.get("tuning", {}),
+                "calibration": entry.get("calibration"),
+            }
     raise ValueError(f"--reuse-tuning {path}: no tuned rows for task {name!r} in it")
 
 

@@ -27,7 +27,7 @@ from lionopt.kernels.group import TensorGroup
 from lionopt.kernels.hyper import LionHyper
 from lionopt.state.formats import PLAIN_KIND
 
-__all__ = ["Backend", "backends", "register", "select"]
+__all__ = ["Backend", "backends", "compiled_step", "register", "select"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,9 @@ class Backend:
     #: declined them (the rounding kernels also cover a few dtype pairs the plain ones do not);
     #: so a missing compiler costs one build attempt and one warning, not two.
     secondary: bool = False
+    #: Under ``torch.compile``: ``(group, hyper) -> bool``, a step the tracer can follow (a
+    #: ``torch.library`` custom op), False when it cannot take the group. None: no such step.
+    compiled_step: Callable[[TensorGroup, LionHyper], bool] | None = None
 
 
 _BACKENDS: list[Backend] = []
@@ -105,6 +108,21 @@ def select(group: TensorGroup, hyper: LionHyper, *, explicit: bool = False) -> B
     return None
 
 
+def compiled_step(group: TensorGroup, hyper: LionHyper) -> bool:
+    """Under ``torch.compile``: step ``group`` with the first backend whose ``compiled_step``
+    takes it; False when none does (the caller then uses foreach, which Inductor fuses)."""
+    for backend in _BACKENDS:
+        if (
+            backend.compiled_step is not None
+            and backend.device == group.device_type
+            and group.kind in backend.formats
+            and not needs_rounding(group, hyper)
+            and backend.compiled_step(group, hyper)
+        ):
+            return True
+    return False
+
+
 def fused_available(device: str) -> bool:
     """Whether any plain-momentum backend runs on ``device`` here."""
     return any(
@@ -115,3 +133,8 @@ def fused_available(device: str) -> bool:
 @cache
 def _warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def warn_once(message: str) -> None:
+    """One RuntimeWarning per distinct message (the functional's fallbacks use it too)."""
+    _warn_once(message)

@@ -65,14 +65,19 @@ def element_bits(numel: int, key: int, device: torch.device | str = "cpu") -> Te
     return mix32(mix32(index) ^ (key & MASK32))
 
 
-def stochastic_round_bf16(x: Tensor, key: int) -> Tensor:
+def stochastic_round_bf16(x: Tensor, key: int, index: Tensor | None = None) -> Tensor:
     """Round fp32 ``x`` to bf16, up in magnitude with probability equal to the dropped fraction.
 
     Adds 16 random bits to the magnitude's low half and truncates, which is unbiased:
     E[result] = x. Values exact in bf16 never change; NaN stays NaN; the element order is
-    ``x``'s logical (row-major) order.
+    ``x``'s logical (row-major) order. ``index``: each element's index in the whole tensor
+    (int64, flat) when ``x`` is a shard of it; default ``arange(x.numel())``.
     """
-    noise = (element_bits(x.numel(), key, x.device) & _BF16_DROPPED).to(torch.int32)
+    if index is None:
+        bits = element_bits(x.numel(), key, x.device)
+    else:
+        bits = mix32(mix32(index.to(x.device)) ^ (key & MASK32))
+    noise = (bits & _BF16_DROPPED).to(torch.int32)
     nan = torch.isnan(x)
     magnitude = torch.where(nan, 0, x.abs().view(torch.int32))  # no int32 overflow for NaN
     rounded = ((magnitude + noise.view(x.shape)) & _BF16_KEPT).view(torch.float32)

@@ -11,7 +11,11 @@ The base owns:
   anything is loaded (the momentum fit check, ``lionopt.state.checkpoint``); the format
   conversion hooks are registered here too;
 - the step: ``step`` calls ``_step_group(group, params=None)`` for each group, the one place
-  where a group (or, with ``params``, some of its parameters) is stepped; a subclass defines it.
+  where a group (or, with ``params``, some of its parameters) is stepped; a subclass defines it;
+- gradient release (``step_in_backward=True``, ``lionopt.optim.release``): hooks step each
+  parameter through ``_step_group(group, [p])`` during backward, and ``step()`` then advances
+  the counters (``_released_group``);
+- duplicate parameters in one group are a ValueError (they would move twice per step).
 
 The update rule itself is ``lionopt.kernels.reference`` (``lionopt.functional.lion`` dispatches to
 it and to the faster bodies that are bitwise equal to it).
@@ -30,7 +34,9 @@ from torch.optim import Optimizer
 from lionopt.kernels.cpu.dispatch import GroupStepCache
 from lionopt.kernels.hyper import LionHyper
 from lionopt.kernels.rounding import rounding_key
-from lionopt.state import checkpoint
+from lionopt.optim import guards
+from lionopt.optim.release import GradientRelease
+from lionopt.state import checkpoint, dtensor, foreign
 from lionopt.state.formats import normalize_momentum_dtype, resolve_format
 
 __all__ = ["LionFamily", "ParamsT", "SparseGradientError", "as_float"]
@@ -51,11 +57,21 @@ class LionFamily(Optimizer):
     #: Skip parameters with no elements (nothing to update).
     SKIP_EMPTY = False
 
-    def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
+    def __init__(
+        self, params: ParamsT, defaults: dict[str, Any], *, step_in_backward: bool = False
+    ) -> None:
         if "momentum_dtype" in defaults:
             defaults["momentum_dtype"] = normalize_momentum_dtype(defaults["momentum_dtype"])
         self.validate_group(defaults)
-        super().__init__(params, defaults)
+        if not isinstance(step_in_backward, bool):
+            raise ValueError(f"Invalid step_in_backward value: {step_in_backward!r}; expected a bool")
+        self._release = GradientRelease(self) if step_in_backward else None
+        try:
+            super().__init__(params, defaults)
+        except BaseException:
+            if self._release is not None:
+                self._release.remove()
+            raise
         self._register_state_hooks()
         self._cache = GroupStepCache()
         self.state = self._cache.track(self.state)
@@ -70,8 +86,51 @@ class LionFamily(Optimizer):
         if "momentum_dtype" in param_group:
             param_group["momentum_dtype"] = normalize_momentum_dtype(param_group["momentum_dtype"])
         self.validate_group({**self.defaults, **param_group})
+        params = param_group.get("params")
+        if isinstance(params, Tensor):
+            params = [params]
+        elif params is not None and not isinstance(params, set):  # torch's TypeError for a set
+            params = list(params)
+            _check_no_duplicates(params)
+        if params is not None:
+            param_group["params"] = params
+        release = getattr(self, "_release", None)
+        if release is not None and params is not None:
+            release.check(params)
         super().add_param_group(param_group)
+        guards.remember_shapes(self)
         self._group_added(self.param_groups[-1])
+        if release is not None:
+            release.add(self.param_groups[-1])
+
+    # -- gradient release (``step_in_backward=True``, ``lionopt.optim.release``) ---------------
+
+    @property
+    def step_in_backward(self) -> bool:
+        """Whether each parameter is stepped in the backward pass (gradient release)."""
+        return getattr(self, "_release", None) is not None
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        # GradScaler then passes itself to step(), which refuses it under gradient release.
+        return self.step_in_backward
+
+    def accumulate_grads(self):
+        """Context manager: backward passes inside it keep their gradients (micro-batches);
+        the next backward outside it steps on the accumulated gradients. Only with
+        ``step_in_backward=True``."""
+        if not self.step_in_backward:
+            raise ValueError("accumulate_grads() is for step_in_backward=True optimizers")
+        return self._release.accumulate()
+
+    def remove_step_in_backward_hooks(self) -> None:
+        """Turn gradient release off: remove the hooks; ``step()`` steps as usual again."""
+        if getattr(self, "_release", None) is not None:
+            self._release.remove()
+            self._release = None
+
+    def _released_group(self, group: dict[str, Any]) -> None:
+        """``step()`` under gradient release: advance the group's counters (none for Lion)."""
 
     def _group_added(self, group: dict[str, Any]) -> None:
         """Fill derived group values (called for new groups and for loaded ones)."""
@@ -92,13 +151,17 @@ class LionFamily(Optimizer):
         """Loading a state dict keeps this optimizer's momentum formats and converts to them."""
         if not getattr(self, "_state_hooks_registered", False):
             self.register_load_state_dict_pre_hook(_validate_state_dict_hook)
+            # FSDP2 8-bit momenta: fp32 DTensors in state dicts, re-quantised on load.
+            self.register_load_state_dict_pre_hook(checkpoint.requantize_sharded)
             self.register_load_state_dict_pre_hook(checkpoint.remember_loaded_state)
             self.register_load_state_dict_post_hook(checkpoint.convert_loaded_state)
+            self.register_state_dict_post_hook(dtensor.present_state)
             self._state_hooks_registered = True
 
     def validate_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Raise ValueError for a state dict this optimizer cannot load; runs before anything is
         loaded, so a rejected checkpoint changes nothing. Extend it with ``super()`` calls."""
+        foreign.check_not_foreign(self, state_dict)
         checkpoint.check_momentum_shapes(self, state_dict)
 
     # -- state --------------------------------------------------------------------------------
@@ -161,19 +224,67 @@ class LionFamily(Optimizer):
     # -- the step -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def step(self, closure=None):
-        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+    def step(self, closure=None, grad_scaler=None):
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss.
+
+        With ``step_in_backward=True`` the parameters were stepped during backward: this only
+        steps those that still hold a gradient and advances the counters.
+        """
+        if getattr(self, "_release", None) is not None:
+            self._step_released(closure, grad_scaler)
+            return None
+        if grad_scaler is not None:
+            raise ValueError("grad_scaler is only passed by GradScaler under step_in_backward")
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for index, group in enumerate(self.param_groups):
+            rule = self._whole_tensor_rule(group)
+            if rule is not None:  # per-tensor statistics: not on flat partitions (DeepSpeed)
+                guards.check_whole(self, index, rule)
         for group in self.param_groups:
             self._step_group(group)
         return loss
 
+    def _whole_tensor_rule(self, group: dict[str, Any]) -> str | None:
+        """The name of the rule when ``group``'s step takes statistics per tensor, else None."""
+        return None
+
     def _step_group(self, group: dict[str, Any], params: list[Tensor] | None = None) -> None:
         """Step ``group`` (or only ``params``, parameters of it): the one place a step happens."""
         raise NotImplementedError
+
+    def _step_released(self, closure, grad_scaler) -> None:
+        if closure is not None:
+            raise ValueError(
+                "step_in_backward=True steps during backward, so step() cannot take a closure "
+                "(its backward would already have stepped); call backward yourself"
+            )
+        if grad_scaler is not None:
+            raise ValueError(
+                "step_in_backward=True cannot be used with GradScaler: each parameter is "
+                "stepped during backward with its scaled gradient, before anything can unscale "
+                "it. Use bf16 autocast without a scaler, or step_in_backward=False"
+            )
+        for group in self.param_groups:
+            pending = [p for p in group["params"] if p.grad is not None]
+            if pending:
+                self._step_group(group, pending)
+                for p in pending:
+                    p.grad = None
+            self._released_group(group)
+
+
+def _check_no_duplicates(params: list[Any]) -> None:
+    seen: set[int] = set()
+    for i, p in enumerate(params):
+        if id(p) in seen:
+            raise ValueError(
+                f"parameter {i} appears twice in one parameter group; each parameter may be "
+                "listed once (it would be stepped twice per step)"
+            )
+        seen.add(id(p))
 
 
 def _validate_state_dict_hook(optimizer: LionFamily, state_dict: dict[str, Any]) -> None:

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from lionopt.functional import lion
+from lionopt import functional
 from lionopt.optim.base import (
     LionFamily,
     ParamsT,
@@ -29,11 +29,9 @@ from lionopt.optim.base import (
     real_number,
     update_rule,
 )
-from lionopt.state.formats import PLAIN_KIND, resolve_format
+from lionopt.state.formats import resolve_format
 
 __all__ = ["Lion", "ParamsT", "SparseGradientError"]
-
-_PLAIN_FAST = (None, torch.float32, torch.bfloat16)
 
 
 class Lion(LionFamily):
@@ -77,6 +75,10 @@ class Lion(LionFamily):
             fp16 parameters are not supported.
         seed: the seed of stochastic rounding (saved with the group; default 0, so runs and
             data-parallel ranks round identically).
+        step_in_backward: gradient release: step each parameter inside the backward pass as
+            soon as its gradient is accumulated, and free the gradient (``step()`` then only
+            advances counters). Bitwise the same steps; no closures, GradScaler or global-norm
+            clipping; ``accumulate_grads()`` for micro-batches. See ``lionopt.optim.release``.
     """
 
     def __init__(
@@ -96,6 +98,7 @@ class Lion(LionFamily):
         momentum_dtype: torch.dtype | str | None = None,
         stochastic_rounding: bool = False,
         seed: int = 0,
+        step_in_backward: bool = False,
     ) -> None:
         if fused and foreach:
             raise ValueError("`fused` and `foreach` cannot be `True` together.")
@@ -114,7 +117,7 @@ class Lion(LionFamily):
             stochastic_rounding=stochastic_rounding,
             seed=seed,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, step_in_backward=step_in_backward)
 
     GROUP_DEFAULTS: ClassVar[dict[str, Any]] = {
         "maximize": False,
@@ -153,26 +156,29 @@ class Lion(LionFamily):
         if group["decouple_lr"] and group["max_lr"] is None:
             group["max_lr"] = as_float(group["lr"])
 
+    def _whole_tensor_rule(self, group: dict[str, Any]) -> str | None:
+        return "Cautious Lion" if group["cautious"] else None
+
     def _step_group(self, group: dict[str, Any], params: list[Tensor] | None = None) -> None:
         """One step of ``group`` (or only of ``params``).
 
-        A whole-group step on CPU with a plain momentum first tries the C++ group step
+        A whole-group step on CPU (plain or 8-bit momentum) first tries the C++ group step
         (``kernels.cpu.dispatch.GroupStepCache``): one call, no Python work per tensor.
         """
         fmt = resolve_format(group["momentum_dtype"])
         fast = None
-        if params is None:
-            plain = fmt.kind == PLAIN_KIND and group["momentum_dtype"] in _PLAIN_FAST
+        # The C++ group step computes every statistic locally: not for mesh-reducing stats.
+        if params is None and functional.stats_for(group["params"]).local:
             fast = self._cache.ready(
                 group["params"],
                 self.state,
-                plain=plain,
+                fmt=fmt,
                 rounding=group["stochastic_rounding"],
                 foreach=group["foreach"],
                 fused=group["fused"],
             )
             if fast and self._cache.try_step(
-                group, group["params"], self.state, fmt.plain_dtype(), lion_hyper(group)
+                group, group["params"], self.state, fmt, lion_hyper(group)
             ):
                 return
         stepped: list[Tensor] = []
@@ -184,7 +190,7 @@ class Lion(LionFamily):
             self._cache.remember(group, group["params"], self.state)
         if not stepped:
             return
-        lion(
+        functional.lion(
             stepped,
             grads,
             exp_avgs,

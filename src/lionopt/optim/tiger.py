@@ -7,24 +7,28 @@ kexue.fm/archives/8634 (gradient accumulation hidden in the momentum).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from lionopt.functional import lion
+from lionopt import functional
 from lionopt.hparams import classify_parameters
+from lionopt.kernels.group import LocalStats
 from lionopt.kernels.hyper import is_low_precision
+from lionopt.kernels.rounding import store_param
 from lionopt.optim.base import (
     LionFamily,
     ParamsT,
     check_impl_flags,
     check_lr,
+    check_memory_options,
     check_weight_decay,
     is_finite_at_least,
     real_number,
 )
 from lionopt.optim.base import as_float as _as_float
+from lionopt.state.int8 import dequantize, quantize_into
 
 __all__ = ["Tiger", "tiger_param_groups"]
 
@@ -78,7 +82,18 @@ class Tiger(LionFamily):
         rms_floor: lower bound on RMS(θ) in η_t.
         shrink_ratio: the non-finite guard's shrink factor.
         foreach, fused: the implementation of the update, as in ``lionopt.Lion``.
+        momentum_dtype, stochastic_rounding, seed: as in ``lionopt.Lion`` (bf16 or 8-bit
+            momentum; the math is fp32 and each micro-step stores the momentum once).
+        step_in_backward: gradient release, as in ``lionopt.Lion``: each micro-step runs in
+            backward, and ``step()`` advances the micro-step counter.
     """
+
+    GROUP_DEFAULTS: ClassVar[dict[str, Any]] = {
+        "momentum_dtype": None,
+        "stochastic_rounding": False,
+        "seed": 0,
+    }
+    SKIP_EMPTY = True  # an empty tensor has nothing to update (and no RMS)
 
     def __init__(
         self,
@@ -92,6 +107,10 @@ class Tiger(LionFamily):
         shrink_ratio: float = 0.99,
         foreach: bool | None = None,
         fused: bool | None = None,
+        momentum_dtype: torch.dtype | str | None = None,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
+        step_in_backward: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -105,15 +124,24 @@ class Tiger(LionFamily):
             init_centre=0.0,
             foreach=foreach,
             fused=fused,
+            momentum_dtype=momentum_dtype,
+            stochastic_rounding=stochastic_rounding,
+            seed=seed,
             micro_step=0,
         )
-        super().__init__(params, defaults)
-
-    SKIP_EMPTY = True  # an empty tensor has nothing to update (and no RMS)
+        super().__init__(params, defaults, step_in_backward=step_in_backward)
 
     @classmethod
     def validate_group(cls, group: dict[str, Any]) -> None:
         _validate_group(group)
+
+    def _released_group(self, group: dict[str, Any]) -> None:
+        """Under gradient release the micro-steps ran in backward: advance the counter."""
+        last = group["micro_step"] >= group["accum_steps"] - 1
+        group["micro_step"] = 0 if last else group["micro_step"] + 1
+
+    def _whole_tensor_rule(self, group: dict[str, Any]) -> str | None:
+        return "Tiger"
 
     def _step_group(self, group: dict[str, Any], params: list[Tensor] | None = None) -> None:
         """One micro-step of ``group``; the update is applied on every ``accum_steps``-th call.
@@ -128,9 +156,12 @@ class Tiger(LionFamily):
         stepped: list[Tensor] = []
         grads: list[Tensor] = []
         exp_avgs: list[Tensor] = []
-        self._init_group(group, stepped, grads, exp_avgs, only=params)
+        scales: list[Tensor | None] = []
+        self._init_group(group, stepped, grads, exp_avgs, scales, only=params)
         if stepped:
-            self._micro_step(group, stepped, grads, exp_avgs, first=micro_step == 0, last=last)
+            self._micro_step(
+                group, stepped, grads, exp_avgs, scales, first=micro_step == 0, last=last
+            )
 
     def _micro_step(
         self,
@@ -138,6 +169,7 @@ class Tiger(LionFamily):
         params: list[Tensor],
         grads: list[Tensor],
         exp_avgs: list[Tensor],
+        scales: list[Tensor | None],
         *,
         first: bool,
         last: bool,
@@ -145,16 +177,14 @@ class Tiger(LionFamily):
         beta, k = group["beta"], group["accum_steps"]
         use_foreach = group["foreach"] is not False or group["fused"] is True
         dense_rms = last and not group["bias_or_gain"] and not group["embedding"]
+        stats = functional.stats_for(params)
         # One host sync: the inf-norm of every gradient (non-finite iff the gradient is) and,
         # where the update needs it, the RMS of every parameter.
-        figures = list(torch._foreach_norm(grads, math.inf))
+        figures = stats.norms(grads, math.inf)
         if dense_rms:
             # fp32 accumulation for low-precision tensors, float64 kept as it is.
             wide = None if any(p.dtype == torch.float64 for p in params) else torch.float32
-            norms = torch._foreach_norm(params, 2, dtype=wide)
-            figures += [
-                n / math.sqrt(max(p.numel(), 1)) for n, p in zip(norms, params, strict=True)
-            ]
+            figures += stats.rms(params, dtype=wide)
         host = torch.float32 if params[0].device.type == "mps" else torch.float64
         values = torch.stack([f.to(params[0].device, host) for f in figures]).tolist()
         finite = [math.isfinite(v) for v in values[: len(params)]]
@@ -166,20 +196,26 @@ class Tiger(LionFamily):
             keep = [i for i, ok in enumerate(finite) if ok]
             if not keep:
                 return
-            params, grads, exp_avgs = ([t[i] for i in keep] for t in (params, grads, exp_avgs))
+            params, grads, exp_avgs, scales = (
+                [t[i] for i in keep] for t in (params, grads, exp_avgs, scales)
+            )
             rms = [rms[i] for i in keep] if rms else rms
 
         share = (1 - beta) / k
         if not last:
-            _accumulate(exp_avgs, grads, beta if first else None, share, use_foreach)
+            _accumulate(
+                params, exp_avgs, scales, grads, beta if first else None, share, use_foreach
+            )
             return
+        keys = self._rounding_keys(group, params)
         lr = _as_float(group["lr"])
         weight_decay = group["weight_decay"]
         if group["bias_or_gain"]:
             lrs, weight_decay = 0.5 * lr, 0.0
         elif group["embedding"]:
-            for p, g, m in zip(params, grads, exp_avgs, strict=True):
-                _embedding_update(p, g, m, group, first=first)
+            for i, (p, g, m) in enumerate(zip(params, grads, exp_avgs, strict=True)):
+                key = None if keys is None else keys[i]
+                _embedding_update(p, g, m, scales[i], group, first=first, key=key, stats=stats)
             return
         else:
             lrs = [lr * max(value, group["rms_floor"]) for value in rms]
@@ -189,9 +225,9 @@ class Tiger(LionFamily):
         else:
             # m already holds the decayed sum; Lion with β1 = β2 = 1 steps along sign(m) and
             # leaves m as it is.
-            _accumulate(exp_avgs, grads, None, share, use_foreach)
+            _accumulate(params, exp_avgs, scales, grads, None, share, use_foreach)
             betas = (1.0, 1.0)
-        lion(
+        functional.lion(
             params,
             grads,
             exp_avgs,
@@ -201,56 +237,111 @@ class Tiger(LionFamily):
             weight_decay=weight_decay,
             foreach=group["foreach"],
             fused=group["fused"],
+            exp_avg_scales=scales if any(s is not None for s in scales) else None,
+            rounding_keys=keys,
         )
 
 
+def _momentum_views(
+    params: list[Tensor], exp_avgs: list[Tensor], scales: list[Tensor | None]
+) -> tuple[list[Tensor], list[tuple]]:
+    """fp32 working copies of low-precision and 8-bit momenta (others: the tensors themselves),
+    and what ``_store_momenta`` needs to write them back."""
+    views, stores = [], []
+    for p, m, scale in zip(params, exp_avgs, scales, strict=True):
+        if scale is not None:
+            values = dequantize(m, scale)
+            views.append(values[: p.numel()].view(p.shape))
+            stores.append((values, m, scale))
+        elif is_low_precision(m):
+            views.append(m.float())
+            stores.append((views[-1], m, None))
+        else:
+            views.append(m)
+    return views, stores
+
+
+def _store_momenta(stores: list[tuple]) -> None:
+    for values, m, scale in stores:
+        if scale is not None:
+            quantize_into(values, m, scale)
+        else:
+            m.copy_(values)
+
+
 def _accumulate(
-    exp_avgs: list[Tensor], grads: list[Tensor], beta: float | None, share: float, foreach: bool
+    params: list[Tensor],
+    exp_avgs: list[Tensor],
+    scales: list[Tensor | None],
+    grads: list[Tensor],
+    beta: float | None,
+    share: float,
+    foreach: bool,
 ) -> None:
-    """m ← β·m + share·g (β = None: m ← m + share·g)."""
+    """m ← β·m + share·g (β = None: m ← m + share·g).
+
+    In fp32 for bf16 and 8-bit momenta, stored once (rounded to nearest, or requantised).
+    """
+    moms, stores = _momentum_views(params, exp_avgs, scales)
+    grads = [g if g.dtype == m.dtype else g.to(m.dtype) for g, m in zip(grads, moms, strict=True)]
     if foreach:
         if beta is not None:
-            torch._foreach_mul_(exp_avgs, beta)
-        torch._foreach_add_(exp_avgs, grads, alpha=share)
-        return
-    for m, g in zip(exp_avgs, grads, strict=True):
-        if beta is not None:
-            m.mul_(beta)
-        m.add_(g, alpha=share)
+            torch._foreach_mul_(moms, beta)
+        torch._foreach_add_(moms, grads, alpha=share)
+    else:
+        for m, g in zip(moms, grads, strict=True):
+            if beta is not None:
+                m.mul_(beta)
+            m.add_(g, alpha=share)
+    _store_momenta(stores)
 
 
 def _shrink(params: list[Tensor], ratio: float, centre: float, foreach: bool) -> None:
-    """θ ← (θ − centre)·ratio + centre."""
+    """θ ← (θ − centre)·ratio + centre; in fp32 for bf16/fp16 weights, stored once."""
+    thetas = [p.float() if is_low_precision(p) else p for p in params]
     if foreach:
         if centre:
-            torch._foreach_sub_(params, centre)
-        torch._foreach_mul_(params, ratio)
+            torch._foreach_sub_(thetas, centre)
+        torch._foreach_mul_(thetas, ratio)
         if centre:
-            torch._foreach_add_(params, centre)
-        return
-    for p in params:
-        p.sub_(centre).mul_(ratio).add_(centre)
+            torch._foreach_add_(thetas, centre)
+    else:
+        for theta in thetas:
+            theta.sub_(centre).mul_(ratio).add_(centre)
+    for p, theta in zip(params, thetas, strict=True):
+        if theta is not p:
+            p.copy_(theta)
 
 
-def _embedding_update(p: Tensor, g: Tensor, m: Tensor, group: dict[str, Any], first: bool) -> None:
+def _embedding_update(
+    p: Tensor,
+    g: Tensor,
+    m: Tensor,
+    scale: Tensor | None,
+    group: dict[str, Any],
+    *,
+    first: bool,
+    key: int | None,
+    stats: LocalStats,
+) -> None:
     """The last micro-step for an embedding table: the same update with an lr per row.
 
     A per-row lr is a tensor, which the functional Lion step does not take, hence this path.
-    Low-precision tensors are updated in fp32 and rounded once, as in Lion.
+    The math is fp32 for low-precision weights and low-precision or 8-bit momenta, stored
+    once (bf16 weights rounded stochastically when ``key`` is given), as in Lion.
     """
     beta = group["beta"]
-    low_precision = is_low_precision(p) or is_low_precision(m)
+    (mom,), stores = _momentum_views([p], [m], [scale])
+    low_precision = is_low_precision(p) or bool(stores)
     theta = p.float() if low_precision else p
-    mom = m.float() if low_precision else m
-    rms = theta.square().mean(dim=-1, keepdim=True).sqrt()
-    lr_rows = rms.clamp_(min=group["rms_floor"]).mul_(_as_float(group["lr"]))
+    lr_rows = stats.row_rms(theta).clamp_(min=group["rms_floor"]).mul_(_as_float(group["lr"]))
     if first:
         mom.mul_(beta)
     mom.add_(g.to(mom.dtype), alpha=(1 - beta) / group["accum_steps"])
     theta.mul_(1 - lr_rows * group["weight_decay"]).addcmul_(lr_rows, torch.sign(mom), value=-1)
     if low_precision:
-        p.copy_(theta)
-        m.copy_(mom)
+        store_param(p, theta, key)
+    _store_momenta(stores)
 
 
 def tiger_param_groups(model: nn.Module) -> list[dict[str, Any]]:
@@ -294,4 +385,5 @@ def _validate_group(group: dict[str, Any]) -> None:
             raise ValueError(f"Invalid {flag} value: {group[flag]!r}; expected a bool")
     if group["embedding"] and group["bias_or_gain"]:
         raise ValueError("A group cannot be both `embedding` and `bias_or_gain`")
+    check_memory_options(group)
     check_impl_flags(group)

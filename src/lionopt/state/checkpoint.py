@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import Tensor
 
+from lionopt.state import dtensor
 from lionopt.state.formats import INT8_KIND, fits, resolve_format, stored_kind
 
 __all__ = ["check_momentum_shapes", "convert_loaded_state", "remember_loaded_state"]
@@ -66,3 +67,13 @@ def convert_loaded_state(optimizer: Any) -> None:
             if key in original:
                 state[key] = original[key].to(param.device, copy=True)
         resolve_format(momentum_dtype).prepare(state, param)
+
+
+def requantize_sharded(optimizer: Any, state_dict: dict) -> None:
+    """Pre-hook: fp32 DTensor momenta of FSDP2 8-bit groups are re-quantised on the local
+    shards before loading (see ``lionopt.state.dtensor``)."""
+
+    def quantizes(group: dict, param: Any) -> bool:
+        return resolve_format(group.get("momentum_dtype")).kind_for(param) == INT8_KIND
+
+    dtensor.requantize_loaded(optimizer, state_dict, quantizes)

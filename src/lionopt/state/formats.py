@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lionopt.state import int8
+from lionopt.state import dtensor, int8
 
 __all__ = [
     "INT8_KIND",
@@ -160,6 +160,8 @@ class Int8Blockwise(MomentumFormat):
         if not self.quantizes(param):
             dtype = torch.promote_types(param.dtype, torch.float32)
             return _PLAIN_FALLBACK.get(dtype, Plain(dtype)).prepare(state, param)
+        if dtensor.is_dtensor(param):  # FSDP2: codes of the local shard (state.dtensor)
+            return dtensor.prepare_int8(state, param)
         if _SCALE_KEY not in state:
             if "exp_avg" in state:
                 values = state["exp_avg"].to(param.device).view(param.shape)
@@ -220,6 +222,8 @@ def fp32_view(state: dict, param: Tensor) -> Tensor:
     """The momentum of ``state`` shaped like ``param``: dequantised (fp32) for 8-bit storage,
     else the stored tensor itself (its own dtype)."""
     if stored_kind(state) == INT8_KIND:
+        if dtensor.is_dtensor(param):  # codes of the local shard
+            return dtensor.fp32_view(state, param)
         values = int8.dequantize(state["exp_avg"], state[_SCALE_KEY])
         return values[: param.numel()].view(param.shape)
     return state["exp_avg"].view(param.shape)

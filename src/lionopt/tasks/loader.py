@@ -57,7 +57,9 @@ def resolve_task(spec: str) -> Task:
     except ValueError:
         raise
     except Exception as exc:
-        raise ValueError(f"--task {spec}: importing {where} failed: {type(exc).__name__}: {exc}") from exc
+        raise ValueError(
+            f"--task {spec}: importing {where} failed: {type(exc).__name__}: {exc}"
+        ) from exc
     try:
         obj = getattr(module, name)
     except AttributeError:
@@ -72,7 +74,9 @@ def resolve_task(spec: str) -> Task:
         else:
             task = obj
     except Exception as exc:
-        raise ValueError(f"--task {spec}: building the task failed: {type(exc).__name__}: {exc}") from exc
+        raise ValueError(
+            f"--task {spec}: building the task failed: {type(exc).__name__}: {exc}"
+        ) from exc
     if not isinstance(task, Task):
         raise ValueError(
             f"--task {spec}: expected a lionopt.tasks.Task, a Task subclass or a callable "

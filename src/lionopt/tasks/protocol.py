@@ -210,9 +210,7 @@ def train_run(
                 factor,
             )
         hparams = optimizer_hparams(optimizer)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda i: lr_factor(i, plan.steps)
-        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, plan.steps))
         timer = _StepTimer(optimizer, device)
         task.start_run(data, plan.seed)
         checkpoints = set(eval_steps(plan.steps, evals))

@@ -293,7 +293,9 @@ class Study:
             steps=self.steps,
             batch_size=self.batch_size,
             decay=config["decay"],
-            protocol="one-shot" if config["no_tune"] else ("reused" if config.get("reuse") else "tuned"),
+            protocol="one-shot"
+            if config["no_tune"]
+            else ("reused" if config.get("reuse") else "tuned"),
             rows={},
             tuning={},
             calibration=None,
@@ -354,8 +356,11 @@ class Study:
         if cfg["no_tune"]:
             jobs = []
             for name in cfg["optimizers"]:
-                how = ("the task's AdamW values" if name == "adamw" else
-                       f"its translation of the task's AdamW values (factor {cfg['factor']:g})")
+                how = (
+                    "the task's AdamW values"
+                    if name == "adamw"
+                    else f"its translation of the task's AdamW values (factor {cfg['factor']:g})"
+                )
                 jobs += self._add_row(name, name, how, lr=None, weight_decay=None,
                                       lr_scale=1.0)  # fmt: skip
             return jobs

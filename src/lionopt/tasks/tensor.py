@@ -129,6 +129,9 @@ class TensorTask(Task):
     def evaluate(self, model, data):
         n = data.val_x.shape[0]
         outputs = torch.cat(
-            [model(data.val_x[i : i + self.eval_batch_size]) for i in range(0, n, self.eval_batch_size)]
+            [
+                model(data.val_x[i : i + self.eval_batch_size])
+                for i in range(0, n, self.eval_batch_size)
+            ]
         )
         return float(self._loss(outputs, data.val_y)), float(self._metric(outputs, data.val_y))

@@ -4,6 +4,10 @@ pre-refactor package at commit eedd063: ``git archive eedd063 src | tar -x -C /t
 
 For each case: the parameters and optimizer state dict after 3 steps, one more gradient, and
 the parameters and state dict after the 4th step taken by that old code.
+
+``old_pickled_optimizer.pt`` is ``torch.save({"optimizer": opt, "params": params})`` of an
+8-bit ``Lion`` (shapes (16, 8) and (64, 80), lr 1e-2, weight decay 0.1, two steps) by the same
+old code.
 """
 
 import copy

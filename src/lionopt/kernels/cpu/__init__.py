@@ -2,6 +2,7 @@
 
 - ``plain``: the fused Lion kernel for plain momenta (``csrc/lion_cpu.cpp``);
 - ``quant``: 8-bit momentum and stochastically rounded bf16 weights (``csrc/lion_quant_cpu.cpp``);
+- ``op``: the plain step as the custom op ``lionopt::lion_step_``, which ``torch.compile`` keeps;
 - ``dispatch``: the per-tensor bookkeeping of a plain step in C++ (``csrc/lion_cpu_dispatch.cpp``)
   and ``GroupStepCache``, which lets an optimizer step a whole group in one C++ call;
 - ``_build``: the compile-and-cache machinery.
@@ -14,13 +15,13 @@ functions look the kernels up at call time, so tests can replace them.
 
 from __future__ import annotations
 
-from lionopt.kernels.cpu import dispatch, plain, quant
+from lionopt.kernels.cpu import dispatch, op, plain, quant
 from lionopt.kernels.group import TensorGroup
 from lionopt.kernels.hyper import LionHyper
 from lionopt.kernels.registry import Backend, register
 from lionopt.state.formats import INT8_KIND, PLAIN_KIND
 
-__all__ = ["dispatch", "plain", "quant"]
+__all__ = ["dispatch", "op", "plain", "quant"]
 
 
 def _plain_supports(group: TensorGroup, hyper: LionHyper) -> bool:
@@ -68,6 +69,7 @@ register(
         available=_plain_available,
         supports=_plain_supports,
         step=_plain_step,
+        compiled_step=op.compiled_step,
     )
 )
 register(

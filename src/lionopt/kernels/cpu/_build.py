@@ -1,13 +1,15 @@
 """Compile a C++ source into a shared library on first use, cached, and load it with ctypes.
 
-Same recipe as ``fused_cpu``: ``$CXX`` (default ``c++``) with ``-O3 -ffp-contract=off
+Same recipe as ``kernels.cpu.plain``: ``$CXX`` (default ``c++``) with ``-O3 -ffp-contract=off
 -fno-trapping-math`` (plus ``-mavx2 -mfma`` where the CPU has them) and ``-fopenmp`` when it links, into
 ``$LIONOPT_CACHE_DIR`` or ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``),
 under a folder named by a hash of the source, flags and compiler. The build writes a temporary
 file and renames it, so concurrent processes never load a half-written library. A library can
 also build in the background (``LazyLibrary(background=True)``): the compiler starts at once
 and a daemon thread waits for it; the shell that runs the compiler also does the rename, so the
-build lands in the cache even when the process that started it has exited.
+build lands in the cache even when the process that started it has exited. One process per
+machine compiles a given library (``lionopt.kernels.cpu._buildlock``); the others wait for its
+result, a background build in its thread.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from lionopt.kernels.cpu import _buildlock
 
 __all__ = ["Build", "BuildOptions", "LazyLibrary"]
 
@@ -203,10 +207,34 @@ class Build:
         self.info = {"path": str(self.target), "compiler": compiler, "flags": flags}
         self.info["compiled"] = not self.target.exists()
         self.process: subprocess.Popen | None = None
+        self._elsewhere: tuple | None = None  # another process builds it (_buildlock)
         if self.info["compiled"]:
-            self._start(source, compiler, flags)
+            self._claim_and_start(source, compiler, flags)
 
-    def _start(self, source: Path, compiler: str, flags: list[str]) -> None:
+    def _claim_and_start(self, source: Path, compiler: str, flags: list[str]) -> None:
+        """Build unless another process already is (then ``finish()`` waits for it)."""
+        lock = _buildlock.claim(self.target)
+        if lock is None:
+            self.info["compiled"] = False
+            self.info["built_by_another_process"] = True
+            self._elsewhere = (source, compiler, flags)
+            return
+        try:
+            if self.target.exists():  # finished by another process meanwhile
+                self.info["compiled"] = False
+            else:
+                self._start(source, compiler, flags, lock)
+        finally:
+            if isinstance(lock, _buildlock.BuildLock):
+                lock.release()  # the compiler's shell holds it now
+
+    def _start(
+        self,
+        source: Path,
+        compiler: str,
+        flags: list[str],
+        lock: _buildlock.BuildLock | bool = True,
+    ) -> None:
         """Compiles beside the target (or in a temporary folder if the cache is read-only)."""
         try:
             self.target.parent.mkdir(parents=True, exist_ok=True)
@@ -230,11 +258,24 @@ class Build:
         self._log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed by finish())
         self.compiler = compiler
         self.process = subprocess.Popen(
-            [shell, "-c", script], stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log
+            [shell, "-c", script],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=self._log,
+            pass_fds=(lock.fd,) if isinstance(lock, _buildlock.BuildLock) else (),
         )
 
     def finish(self, timeout: float = 300) -> tuple[ctypes.CDLL, dict]:
         """Wait for the compiler (if it runs) and load the library."""
+        if self._elsewhere is not None:
+            source, compiler, flags = self._elsewhere
+            self._elsewhere = None
+            if not _buildlock.wait_for(self.target, timeout):
+                raise RuntimeError(f"another process's build took more than {timeout} s")
+            if not self.target.exists():  # that build failed: try here, once
+                self.info["compiled"] = True
+                self._claim_and_start(source, compiler, flags)
+                return self.finish(timeout)
         if self.process is not None:
             try:
                 code = self.process.wait(timeout)

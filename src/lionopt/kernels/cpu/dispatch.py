@@ -42,8 +42,11 @@ import torch
 from torch import Tensor
 
 from lionopt.kernels.cpu import plain as fused_cpu
+from lionopt.kernels.cpu import quant
 from lionopt.kernels.cpu._build import BuildOptions, LazyLibrary
 from lionopt.kernels.hyper import LionHyper
+from lionopt.state.dtensor import is_dtensor
+from lionopt.state.formats import Int8Blockwise, MomentumFormat, Plain
 
 __all__ = [
     "GroupStepCache",
@@ -56,10 +59,12 @@ __all__ = [
 ]
 
 _SOURCE = Path(__file__).with_name("csrc") / "lion_cpu_dispatch.cpp"
-_ABI_VERSION = 2
+_ABI_VERSION = 3
 
 # lionopt_group_step's results, as numbered in lion_cpu_dispatch.cpp.
 STEPPED, NOTHING_TO_DO, DECLINED, STALE = 0, 1, 2, 3
+_INT8_FORMAT = -2  # lionopt_group_step's momentum code for Int8Blockwise
+_quant_kernel = None
 
 
 def available() -> bool:
@@ -81,22 +86,34 @@ def group_step(
     params: list[Tensor],
     cached_params: tuple[Tensor, ...],
     states: tuple[dict | None, ...],
-    momentum_dtype: torch.dtype | None,
+    momentum: MomentumFormat | torch.dtype | None,
     hyper: LionHyper,
 ) -> int:
     """One step of an optimizer group whose parameters and state dicts were cached earlier.
 
-    ``momentum_dtype``: the dtype every momentum must have (float32 or bfloat16), or None for
-    any (the optimizer's default, which keeps a loaded momentum's dtype). ``hyper.lr`` is one
+    ``momentum``: the group's format. A plain one (or a dtype) names the dtype every momentum
+    must have (float32 or bfloat16), or None for any (the optimizer's default, which keeps a
+    loaded momentum's dtype); ``Int8Blockwise``: 8-bit codes and scales for the parameters it
+    quantises (one call of the 8-bit kernel) and fp32 momenta for the rest (one call of the
+    plain kernel), the kernels ``kernels.cpu.quant`` and ``plain`` run. ``hyper.lr`` is one
     float. Returns ``STEPPED``, ``NOTHING_TO_DO`` (no gradients), ``STALE`` (the cache no
     longer fits the group: rebuild it) or ``DECLINED`` (a tensor the kernel does not take).
     Nothing is written unless it returns ``STEPPED``.
     """
+    min_numel = 0
+    if isinstance(momentum, Int8Blockwise):
+        if not _quant_kernel_ready():
+            return DECLINED
+        code, min_numel = _INT8_FORMAT, momentum.min_numel
+    else:
+        dtype = momentum.plain_dtype() if isinstance(momentum, MomentumFormat) else momentum
+        code = -1 if dtype is None else fused_cpu.dtype_code(dtype)
     return _library.lib.lionopt_group_step(
         params,
         cached_params,
         states,
-        -1 if momentum_dtype is None else fused_cpu.dtype_code(momentum_dtype),
+        code,
+        min_numel,
         float(hyper.lr),
         float(hyper.beta1),
         float(hyper.beta2),
@@ -104,6 +121,18 @@ def group_step(
         fused_cpu.option_flags(hyper),
         torch.get_num_threads(),
     )
+
+
+def _quant_kernel_ready() -> bool:
+    """Hand the 8-bit kernel (``kernels.cpu.quant``'s library) to the C++ dispatch, once."""
+    global _quant_kernel
+    if _quant_kernel is None:
+        if not quant.available():
+            return False
+        function = quant._library.lib.lionopt_lion_quant_step
+        _library.lib.lionopt_set_quant_kernel(ctypes.cast(function, ctypes.c_void_p))
+        _quant_kernel = function  # keeps the library loaded
+    return True
 
 
 def lists_step(
@@ -196,6 +225,13 @@ class _Layout:
         return len(params) == len(self.params) and all(map(operator.is_, params, self.params))
 
 
+def _group_format(fmt: MomentumFormat) -> bool:
+    """Whether the C++ group step handles this format."""
+    if isinstance(fmt, Int8Blockwise):
+        return True
+    return isinstance(fmt, Plain) and fmt.dtype in (None, torch.float32, torch.bfloat16)
+
+
 class GroupStepCache:
     """Whole-group C++ steps for an optimizer (see the module docstring).
 
@@ -221,24 +257,25 @@ class GroupStepCache:
         params: Sequence[Tensor],
         state: Any,
         *,
-        plain: bool,
+        fmt: MomentumFormat,
         rounding: bool,
         foreach: bool | None,
         fused: bool | None,
     ) -> bool | None:
         """True: step through the C++ dispatch; False: not yet (it is building); None: never.
 
-        ``plain``: the group's momentum format is plain fp32/bf16/param dtype; ``rounding``:
-        stochastic rounding is on (another kernel's job).
+        ``fmt``: the group's momentum format (plain fp32/bf16/param dtype, or 8-bit);
+        ``rounding``: stochastic rounding is on (another kernel's job).
         """
         if (
             fused is False
             or foreach
-            or not plain
+            or not _group_format(fmt)
             or rounding
             or not isinstance(state, TrackedState)
             or not params
             or not params[0].is_cpu
+            or is_dtensor(params[0])  # FSDP2: functional.lion steps the local shards
             or torch.compiler.is_compiling()
         ):
             return None
@@ -249,14 +286,14 @@ class GroupStepCache:
         owner: Any,
         params: list[Tensor],
         state: TrackedState,
-        momentum_dtype: torch.dtype | None,
+        fmt: MomentumFormat,
         hyper: LionHyper,
     ) -> bool:
         """Step the group in one C++ call; False when the caller must step it in Python."""
         layout = self._layouts.get(id(owner))
         if layout is None or not layout.fits(owner, state):
             return False
-        status = group_step(params, layout.params, layout.states, momentum_dtype, hyper)
+        status = group_step(params, layout.params, layout.states, fmt, hyper)
         if status == STALE:
             del self._layouts[id(owner)]
         # DECLINED (say, a non-contiguous grad this step): the Python path takes this step.
@@ -313,7 +350,10 @@ def _check_abi(lib: ctypes.CDLL, info: dict) -> None:
 def _declare(lib: ctypes.CDLL) -> None:
     obj, dbl, i32 = ctypes.py_object, ctypes.c_double, ctypes.c_int
     lib.lionopt_group_step.restype = i32
-    lib.lionopt_group_step.argtypes = [obj, obj, obj, i32, dbl, dbl, dbl, dbl, i32, i32]
+    i64 = ctypes.c_int64
+    lib.lionopt_group_step.argtypes = [obj, obj, obj, i32, i64, dbl, dbl, dbl, dbl, i32, i32]
+    lib.lionopt_set_quant_kernel.restype = None
+    lib.lionopt_set_quant_kernel.argtypes = [ctypes.c_void_p]
     lib.lionopt_lists_step.restype = i32
     lib.lionopt_lists_step.argtypes = [obj, obj, obj, obj, dbl, dbl, dbl, dbl, i32, i32]
 

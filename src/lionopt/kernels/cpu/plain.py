@@ -49,6 +49,7 @@ __all__ = [
     "build_info",
     "dtype_code",
     "lion_step",
+    "loaded",
     "option_flags",
     "stream_step",
     "streamer",
@@ -87,6 +88,11 @@ _MAX_EXACT_FP32_COUNT = 2**24
 def available() -> bool:
     """Whether the kernel runs here; builds (or loads the cached build) on the first call."""
     return _library.available()
+
+
+def loaded() -> bool:
+    """Whether the kernel is already loaded (never starts a build; ``torch.compile`` can trace it)."""
+    return _library.state is True
 
 
 def build_info() -> dict:

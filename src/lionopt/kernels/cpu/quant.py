@@ -14,8 +14,9 @@ Bitwise equal to the torch paths (``reference.quantized_lion_loop`` and the refe
 with ``rounding_keys``). ``supports_*`` declines (falling back to foreach): non-CPU or
 non-contiguous tensors, other dtypes, and cautious Lion (a per-tensor mean, a second pass).
 
-As a fused backend for ``functional.lion`` (bf16 weights, with stochastic rounding), the
-module has the usual contract: ``available()``, ``supports(...)``, ``lion_step(...)``.
+``kernels.cpu`` registers it twice: ``cpu-int8`` (``supports_quantized`` /
+``quantized_lion_step``) and ``cpu-rounding`` (``supports`` / ``lion_step``: plain momentum, bf16
+weights rounded stochastically). The C++ group dispatch calls the same 8-bit entry point.
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ def quantized_lion_step(
 def _plain_layout(params, grads, moments, hyper: LionHyper) -> bool:
     """Grads of the weights' dtype and sizes, below 2**32 elements; dense contiguous CPU tensors.
 
-    Whole-list checks (``map`` over the tensor methods), as in ``fused_cpu``: a few
+    Whole-list checks (``map`` over the tensor methods), as in ``kernels.cpu.plain``: a few
     microseconds for a hundred tensors.
     """
     if hyper.cautious:

@@ -1,6 +1,6 @@
 """Triton (CUDA) Lion kernels for 8-bit blockwise momentum and stochastically rounded bf16 weights.
 
-The CUDA counterpart of ``fused_quant_cpu``: one launch per group, bitwise equal to the torch
+The CUDA counterpart of ``kernels.cpu.quant``: one launch per group, bitwise equal to the torch
 definitions (``reference.quantized_lion_loop`` and the reference loop with ``rounding_keys``).
 
 - 8-bit momentum (``scales`` given): one program per 256-element block of the padded codes. It
@@ -14,11 +14,11 @@ definitions (``reference.quantized_lion_loop`` and the reference loop with ``rou
 
 Stochastic rounding uses ``rounding.py``'s counter-based hash in uint32 arithmetic:
 ``bits(i) = mix32(mix32(i) ^ key)``, 16 low bits added to the magnitude, then truncated.
-The step itself is ``triton_lion``'s (no fp contraction, ``tl.fma`` where ATen fuses).
+The step itself is ``triton.plain``'s (no fp contraction, ``tl.fma`` where ATen fuses).
 ``supports()`` declines (the caller falls back) for cautious Lion, other dtypes, non-contiguous
 tensors, mismatched sizes and tensors of 2**32 elements or more.
 
-The contract is ``triton_lion``'s, with an optional ``scales`` list: ``available()``,
+The contract is ``triton.plain``'s, with an optional ``scales`` list: ``available()``,
 ``supports(params, grads, exp_avgs, hyper, scales=None)``,
 ``lion_step(params, grads, exp_avgs, hyper, scales=None)``. Under ``TRITON_INTERPRET=1`` CPU
 tensors run too, which is how the tests check it without a GPU.

@@ -88,6 +88,80 @@ struct Batch {
   }
 };
 
+// The 8-bit step: lion_quant_cpu.cpp's lionopt_lion_quant_step, from the library Python has
+// loaded (lionopt_set_quant_kernel), so both paths run the same compiled code.
+using QuantStep = int (*)(int64_t, void* const*, void* const*, void* const*, float* const*,
+                          const int64_t*, const double*, const uint32_t*, double, double, double,
+                          int, int, int);
+QuantStep quant_step = nullptr;
+
+constexpr int kInt8Format = -2;  // lionopt_group_step's momentum_dtype for 8-bit groups
+constexpr int64_t kQuantBlock = 256;
+
+// The 8-bit half of a step: fp32 or bf16 weights (grads alike) with int8 codes and fp32 scales.
+struct QuantBatch {
+  std::vector<void*> params, grads, codes;
+  std::vector<float*> scales;
+  std::vector<int64_t> numels;
+  std::vector<at::TensorImpl*> written;
+  int param_code = -1;
+
+  bool add(const at::Tensor& p, const at::Tensor& g, const at::Tensor& c, const at::Tensor& s) {
+    if (!plain_cpu_tensor(p) || !plain_cpu_tensor(g) || !plain_cpu_tensor(c) ||
+        !plain_cpu_tensor(s))
+      return false;
+    const int code = dtype_code(p.scalar_type());
+    if (code != kF32 && code != kBF16) return false;
+    if (g.scalar_type() != p.scalar_type() || c.scalar_type() != c10::ScalarType::Char ||
+        s.scalar_type() != c10::ScalarType::Float)
+      return false;
+    if (numels.empty()) {
+      param_code = code;
+    } else if (code != param_code) {
+      return false;
+    }
+    const int64_t n = p.numel();
+    const int64_t padded = (n + kQuantBlock - 1) / kQuantBlock * kQuantBlock;
+    if (g.numel() != n || c.numel() != padded || s.numel() != padded / kQuantBlock ||
+        n >= (int64_t(1) << 32))
+      return false;
+    params.push_back(p.data_ptr());
+    grads.push_back(g.data_ptr());
+    codes.push_back(c.data_ptr());
+    scales.push_back(static_cast<float*>(s.data_ptr()));
+    numels.push_back(n);
+    written.push_back(p.unsafeGetTensorImpl());
+    written.push_back(c.unsafeGetTensorImpl());
+    written.push_back(s.unsafeGetTensorImpl());
+    return true;
+  }
+
+  int run(const double* lrs, double beta1, double beta2, double weight_decay, int flags,
+          int num_threads) {
+    if (numels.empty()) return kNothingToDo;
+    int status = 0;
+    Py_BEGIN_ALLOW_THREADS
+    status = quant_step(int64_t(numels.size()), params.data(), grads.data(), codes.data(),
+                        scales.data(), numels.data(), lrs, nullptr, beta1, beta2, weight_decay,
+                        param_code, flags, num_threads);
+    Py_END_ALLOW_THREADS
+    if (status != 0) return kDeclined;
+    for (at::TensorImpl* impl : written) impl->bump_version();
+    return kStepped;
+  }
+};
+
+// Whether lion_step_any_dtype has a variant for these (param, grad, momentum) codes.
+bool plain_supported(const int* c) {
+  static const int kSupported[][3] = {{kF32, kF32, kF32},  {kF64, kF64, kF64},
+                                      {kBF16, kBF16, kBF16}, {kBF16, kBF16, kF32},
+                                      {kF16, kF16, kF16},  {kF16, kF16, kF32},
+                                      {kF32, kF32, kBF16}, {kF32, kF32, kF16}};
+  for (const auto& s : kSupported)
+    if (c[0] == s[0] && c[1] == s[1] && c[2] == s[2]) return true;
+  return false;
+}
+
 PyObject* exp_avg_key() {
   static PyObject* key = PyUnicode_InternFromString("exp_avg");
   return key;
@@ -163,28 +237,36 @@ struct Triples {
 
 extern "C" {
 
-int lionopt_dispatch_abi_version() { return 2; }
+int lionopt_dispatch_abi_version() { return 3; }
+
+void lionopt_set_quant_kernel(void* step) { quant_step = reinterpret_cast<QuantStep>(step); }
 
 // One step of an optimizer's parameter group whose layout was cached on an earlier step.
 //
 // params: the group's list of parameters; cached_params: a tuple of the same parameters as
 // when the cache was made; states: a tuple, per parameter, of its state dict (None if it had
 // none). momentum_dtype: the dtype code every momentum must have (else the Python path converts
-// it), or -1 for any. Parameters without a gradient are skipped, as torch.optim does. Returns
+// it), -1 for any, or kInt8Format for the 8-bit format: a floating-point parameter of at least
+// min_numel elements has int8 codes and fp32 scales (exp_avg_scale), any other an fp32 (fp64
+// for fp64 weights) momentum; those go to the 8-bit and the plain kernel, one call each. Parameters without a gradient are skipped, as torch.optim does. Returns
 // kStale when the cache no longer fits (the list changed, a parameter with a gradient has no
 // state or no momentum yet, or a momentum in another format), kDeclined when a tensor is not for the
 // kernel, kNothingToDo when no parameter has a gradient, kStepped after the step.
 int lionopt_group_step(PyObject* params, PyObject* cached_params, PyObject* states,
-                       int momentum_dtype, double lr, double beta1, double beta2,
-                       double weight_decay, int flags, int num_threads) {
+                       int momentum_dtype, int64_t min_numel, double lr, double beta1,
+                       double beta2, double weight_decay, int flags, int num_threads) {
   try {
     if (!PyList_Check(params) || !PyTuple_Check(cached_params) || !PyTuple_Check(states))
       return kStale;
     const Py_ssize_t n = PyList_GET_SIZE(params);
     if (PyTuple_GET_SIZE(cached_params) != n || PyTuple_GET_SIZE(states) != n) return kStale;
+    const bool int8_format = momentum_dtype == kInt8Format;
+    if (int8_format && quant_step == nullptr) return kDeclined;
     Triples t(n);
     std::vector<PyObject*> momenta(n, nullptr);
+    std::vector<const at::Tensor*> scales(n, nullptr);  // 8-bit momenta only
     Batch batch;
+    QuantBatch quant;
     batch.cautious = flags & kCautious;
     const int status = pipeline(n, 6, [&](int stage, Py_ssize_t j) -> int {
       PyObject* state = PyTuple_GET_ITEM(states, j);
@@ -213,12 +295,28 @@ int lionopt_group_step(PyObject* params, PyObject* cached_params, PyObject* stat
           if (!grad.defined()) return kStepped;  // skipped, as torch.optim does
           if (state == Py_None) return kStale;    // its first gradient: state to create
           if (!is_dict) return kDeclined;
-          if (momenta[j] == nullptr || PyDict_GetItem(state, exp_avg_scale_key()) != nullptr)
-            return kStale;  // no momentum yet, or an 8-bit one
+          if (momenta[j] == nullptr) return kStale;  // no momentum yet
+          PyObject* scale = PyDict_GetItem(state, exp_avg_scale_key());
           t.moms[j] = unpack(momenta[j]);
           if (t.moms[j] == nullptr) return kDeclined;
-          if (momentum_dtype >= 0 && dtype_code(t.moms[j]->scalar_type()) != momentum_dtype)
+          if (int8_format) {
+            const at::Tensor& p = *t.params[j];
+            const int code = dtype_code(p.scalar_type());
+            const bool quantized = code >= 0 && p.numel() >= min_numel;
+            if (quantized != (scale != nullptr)) return kStale;  // to (de)quantise
+            if (quantized) {
+              scales[j] = unpack(scale);
+              if (scales[j] == nullptr) return kDeclined;
+            } else if (code >= 0 && dtype_code(t.moms[j]->scalar_type()) !=
+                                        (code == kF64 ? kF64 : kF32)) {
+              return kStale;  // the format keeps small tensors' momenta in fp32
+            }
+          } else if (scale != nullptr) {
+            return kStale;  // an 8-bit momentum, to convert
+          } else if (momentum_dtype >= 0 &&
+                     dtype_code(t.moms[j]->scalar_type()) != momentum_dtype) {
             return kStale;  // to convert to the group's momentum_dtype
+          }
           t.grads[j] = &grad;
           prefetch_impl(t.grads[j]);
           prefetch_impl(t.moms[j]);
@@ -228,12 +326,24 @@ int lionopt_group_step(PyObject* params, PyObject* cached_params, PyObject* stat
           t.prefetch_storages(j);
           return kStepped;
         default:
+          if (scales[j] != nullptr) {
+            if (flags & kCautious) return kDeclined;  // the 8-bit kernel has no cautious mode
+            return quant.add(*t.params[j], *t.grads[j], *t.moms[j], *scales[j]) ? kStepped
+                                                                                : kDeclined;
+          }
           return t.add_to(batch, j);
       }
     });
     if (status != kStepped) return status;
-    const std::vector<double> lrs(batch.numels.size(), lr);
-    return batch.run(lrs.data(), beta1, beta2, weight_decay, flags, num_threads);
+    // Every tensor is checked; the plain kernel declines only unsupported dtype triples,
+    // which must be known before the 8-bit half writes anything.
+    if (!batch.numels.empty() && !plain_supported(batch.codes)) return kDeclined;
+    const std::vector<double> lrs(std::max(batch.numels.size(), quant.numels.size()), lr);
+    const int quant_status = quant.run(lrs.data(), beta1, beta2, weight_decay, flags, num_threads);
+    if (quant_status == kDeclined) return kDeclined;
+    const int plain_status = batch.run(lrs.data(), beta1, beta2, weight_decay, flags, num_threads);
+    if (plain_status == kNothingToDo) return quant_status;
+    return plain_status;
   } catch (const std::exception&) {
     PyErr_Clear();  // a failed isinstance() may have left one
     return kDeclined;  // e.g. a c10::Error from a tensor without storage, before any write
