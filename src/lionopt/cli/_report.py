@@ -346,6 +346,10 @@ def compare_markdown(report: dict, plots: dict[str, str]) -> str:
         "it). Step times are means over all steps but the first; 'opt state' is the summed "
         "`nbytes` of `optimizer.state`.",
     ]
+    if report.get("assembled_from"):
+        note = report["assembled_from"]
+        lines.append(f"- Assembled: {note['note']} Commands: " + "; ".join(
+            f"`{c}`" for c in note["commands"]) + ".")  # fmt: skip
     if report["interrupted"]:
         lines += ["", "**Interrupted: this report holds only the runs that finished.**"]
     for task in report["tasks"]:
