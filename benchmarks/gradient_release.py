@@ -14,8 +14,8 @@ gradients' bytes; the goal is ≥ 80%.
 
 Gradient release lowers the peak only where gradients make it. With a large batch against a
 small model (the second command) the peak is at the loss, before any gradient exists (logits,
-their log-softmax and its gradient), and the saving is small; the figures of both are in
-NOTES-ecosystem.md.
+their log-softmax and its gradient), and the saving is small; the figures of both are in the
+README's *Gradient release* section.
 """
 
 from __future__ import annotations
