@@ -137,3 +137,17 @@ def test_no_storage_sentinel_outside_state() -> None:
         if '"exp_avg_scale" in' in text or "== INT8" in text or '== "int8"' in text:
             offenders.append(name)
     assert not offenders, offenders
+
+
+def test_the_functional_and_the_optimizers_never_name_a_backend_module() -> None:
+    """Fused kernels are reached through ``kernels.registry``; only ``optim.base`` knows the
+    CPU backend's ``GroupStepCache`` (its whole-group C++ step)."""
+    for module, targets in _graph().items():
+        if module == "lionopt.functional" or module.startswith("lionopt.optim"):
+            named = [
+                t
+                for t in targets
+                if t.startswith(("lionopt.kernels.cpu", "lionopt.kernels.triton"))
+            ]
+            allowed = {"lionopt.kernels.cpu.dispatch"} if module == "lionopt.optim.base" else set()
+            assert set(named) <= allowed, (module, named)
