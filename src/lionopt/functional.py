@@ -108,7 +108,7 @@ def lion(
         params, hyper, finish = dtensor.stage_rounding(params, hyper)
     impl = resolve_impl(foreach, fused, compiling)
     fallback = SINGLE if foreach is False else MULTI
-    if impl == FUSED and dtensor.any_wrapper(params):
+    if impl == FUSED and dtensor.any_wrapper(params, grads, exp_avgs):
         impl = fallback  # a wrapper subclass: torch ops only, never its raw pointers
         if fused:
             registry.warn_once(
@@ -163,7 +163,12 @@ def step_group(
             return
         impl = MULTI
     if impl == FUSED:
-        fusable = group.fusable and (group.stats.local or not hyper.cautious)
+        fusable = (
+            group.fusable
+            and (group.stats.local or not hyper.cautious)
+            # a DTensor's local shard may itself be a wrapper subclass (e.g. float8)
+            and not dtensor.any_wrapper(group.params, group.grads, group.momenta)
+        )
         backend = registry.select(group, hyper, explicit=explicit) if fusable else None
         if backend is not None:
             backend.step(group, hyper)

@@ -452,3 +452,10 @@ def test_tune_only_runs_the_grids_and_nothing_else(tmp_path):
     (task,) = load_report(out / "compare.json")["tasks"]
     assert task["status"] == "complete" and task["runs"] == [] and task["rows"] == {}
     assert task["tuning"]["adamw"]["steps"] == 6 and task["tuning"]["lion"]["lr"] is not None
+
+
+def test_one_shot_reports_do_not_call_adamw_tuned() -> None:
+    from lionopt.tasks.study import row_title
+
+    assert row_title("adamw", {"protocol": "one-shot"}) == "AdamW (task values)"
+    assert row_title("adamw", {"protocol": "tuned"}) == "AdamW tuned"

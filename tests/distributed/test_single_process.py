@@ -150,6 +150,25 @@ def test_wrapper_subclass_never_reaches_a_fused_kernel(kwargs):
     assert torch.equal(wrapped.detach().a, plain.detach())
 
 
+def test_wrapper_gradient_of_a_plain_parameter_never_reaches_a_fused_kernel():
+    """Only the gradient is a wrapper subclass (its data_ptr() is 0): the default step must
+    keep it away from the fused kernels (it crashed there: SIGSEGV) and step it with the
+    foreach path's torch ops."""
+    two_tensor = pytest.importorskip("torch.testing._internal.two_tensor")
+    torch.manual_seed(0)
+    a = torch.randn(300)
+    default, loop = nn.Parameter(a.clone()), nn.Parameter(a.clone())
+    opt_default = Lion([default], lr=0.1, weight_decay=0.1)
+    opt_loop = Lion([loop], lr=0.1, weight_decay=0.1, foreach=True)
+    for _ in range(3):
+        g, h = torch.randn(300), torch.randn(300)
+        default.grad = two_tensor.TwoTensor(g.clone(), h.clone())
+        loop.grad = two_tensor.TwoTensor(g.clone(), h.clone())
+        opt_default.step()
+        opt_loop.step()
+    assert torch.equal(default.detach(), loop.detach())
+
+
 class _nothing:
     def __enter__(self):
         return self

@@ -185,10 +185,10 @@ COMPARE_HEADERS = [
 ]
 
 
-def row_title(row: str) -> str:
+def row_title(row: str, task: dict | None = None) -> str:
     from lionopt.tasks.study import row_title as title
 
-    return title(row)
+    return title(row, task)
 
 
 def fmt_reach(reach: dict) -> str:
@@ -208,7 +208,7 @@ def compare_rows(task: dict) -> list[list[str]]:
         hp = s["hparams"]
         rows.append(
             [
-                row_title(name),
+                row_title(name, task),
                 fmt_number(hp.get("lr", float("nan"))),
                 fmt_number(hp.get("weight_decay", float("nan"))),
                 fmt_stat(s["final_metric"], task["metric"]),
@@ -397,7 +397,9 @@ def compare_plots(report: dict, out_dir: Path) -> dict[str, str]:
             runs = [
                 r
                 for r in task["runs"]
-                if r.get("row", r["optimizer"]) == name and not r.get("error") and not r["diverged"]
+                if not r.get("error")
+                and not r.get("diverged")
+                and r.get("row", r.get("optimizer")) == name
             ]
             if not runs:
                 continue
@@ -408,7 +410,7 @@ def compare_plots(report: dict, out_dir: Path) -> dict[str, str]:
                     dtype=torch.float64,
                 )
                 lr = task["summary"][name].get("lr")
-                label = row_title(name) + ("" if lr is None else f" (lr {fmt_number(lr)})")
+                label = row_title(name, task) + ("" if lr is None else f" (lr {fmt_number(lr)})")
                 (line,) = ax.plot(steps, curves.mean(0).tolist(), label=label)
                 if len(runs) > 1:
                     ax.fill_between(

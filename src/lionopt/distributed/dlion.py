@@ -315,11 +315,16 @@ class DistributedLion(Optimizer):
         return kernel
 
     def _check_fingerprint(self, params: list[Tensor]) -> None:
-        """Every rank must hold the same parameters (shapes, dtypes, order) and options."""
+        """Every rank must hold the same parameters (shapes, dtypes, order), group values and options."""
         text = repr(
             (
                 [(tuple(p.shape), str(p.dtype)) for p in params],
                 [len(g["params"]) for g in self.param_groups],
+                # betas decide the buckets; lr and decay must agree or the ranks drift apart
+                [
+                    (_as_float(g["lr"]), tuple(map(float, g["betas"])), float(g["weight_decay"]))
+                    for g in self.param_groups
+                ],
                 self.vote,
                 self.transport_name,
                 self.bucket_numel,

@@ -145,6 +145,8 @@ def requantize_loaded(optimizer: Any, state_dict: dict, quantizes) -> None:
                 )
             if quantizes(group, param):
                 todo.append((pid, entry, momentum, param))
+    if todo:  # torch copied the outer dict only: never write into the caller's "state"
+        saved = state_dict["state"] = dict(saved)
     for pid, entry, momentum, param in todo:
         codes, scales = int8.quantize(momentum.to_local().reshape(param.to_local().shape))
         saved[pid] = {**entry, "exp_avg": codes, _SCALE_KEY: scales}

@@ -514,7 +514,10 @@ class Study:
 # --- summaries and verdicts ----------------------------------------------------------------
 
 
-def row_title(row: str) -> str:
+def row_title(row: str, entry: dict | None = None) -> str:
+    """A row's name in reports; AdamW is "tuned" only where the task's protocol tuned it."""
+    if row == "adamw" and entry is not None and entry.get("protocol") == "one-shot":
+        return "AdamW (task values)"
     return ROW_TITLES.get(row, row)
 
 
@@ -598,8 +601,8 @@ def headline(entry: dict) -> str | None:
     first, second = ranked[0], ranked[1]
     d = difference(summary[first]["final_metric"], summary[second]["final_metric"])
     text = (
-        f"Best: {row_title(first)} ({fmt_stat(summary[first]['final_metric'], metric)}), "
-        f"ahead of {row_title(second)} ({fmt_stat(summary[second]['final_metric'], metric)}) "
+        f"Best: {row_title(first, entry)} ({fmt_stat(summary[first]['final_metric'], metric)}), "
+        f"ahead of {row_title(second, entry)} ({fmt_stat(summary[second]['final_metric'], metric)}) "
         f"by {fmt_metric(abs(d['diff']), metric)}"
     )
     if d["noise"] is None:
@@ -630,12 +633,12 @@ def verdicts(entry: dict) -> list[str]:
             f"{metric.replace('_', ' ')}, {'higher' if hib else 'lower'} is better; lr "
             f"{s['lr']:.3g} vs {base['lr']:.3g})"
         )
-        name = row_title(row)
+        name, adamw = row_title(row, entry), row_title("adamw", entry)
         if d["noise"]:
-            text = f"{name} and AdamW tuned finish within seed noise: {pair}."
+            text = f"{name} and {adamw} finish within seed noise: {pair}."
         else:
             won = d["diff"] > 0 if hib else d["diff"] < 0
-            text = f"{name} {'beats' if won else 'loses to'} AdamW tuned by "
+            text = f"{name} {'beats' if won else 'loses to'} {adamw} by "
             text += f"{fmt_metric(abs(d['diff']), metric)}: {pair}"
             text += "." if d["noise"] is not None else " (1 seed: no noise estimate)."
         reach = s["steps_to_adamw_final"]
