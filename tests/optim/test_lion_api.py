@@ -428,3 +428,14 @@ def test_functional_lion_is_public_and_updates_in_place():
 def test_functional_rejects_mismatched_lists():
     with pytest.raises(ValueError, match="same length"):
         lion([torch.zeros(1)], [], [], lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0)
+
+
+def test_stochastic_rounding_of_fp16_fails_before_any_counter_moves() -> None:
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.float16))
+    p.grad = torch.ones(3, dtype=torch.float16)
+    opt = Lion([p], lr=1e-3, stochastic_rounding=True)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="not float16"):
+            opt.step()
+    assert "step" not in opt.state[p]
+    assert torch.equal(p.detach(), torch.ones(3, dtype=torch.float16))

@@ -205,6 +205,10 @@ class LionFamily(Optimizer):
         """This step's per-tensor stochastic-rounding keys; advances each ``state["step"]``."""
         if not group.get("stochastic_rounding"):
             return None
+        if any(p.dtype == torch.float16 for p in params):  # before any counter moves
+            raise ValueError(
+                "stochastic rounding is implemented for bfloat16 parameters, not float16"
+            )
         first = 0
         for other in self.param_groups:
             if other is group:
