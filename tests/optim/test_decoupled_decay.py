@@ -169,4 +169,3 @@ def test_lr_zero_needs_an_explicit_max_lr() -> None:
     p.grad = torch.ones(3)
     opt.step()
     assert torch.equal(p.detach(), torch.ones(3))
-
