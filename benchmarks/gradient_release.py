@@ -113,7 +113,10 @@ def run(args: argparse.Namespace, released: bool) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(args.threads)}
     result = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(CHILD), json.dumps(config)],
-        capture_output=True, text=True, env=env, timeout=1200,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1200,
     )
     if result.returncode != 0:
         raise SystemExit(result.stderr[-3000:])
@@ -140,12 +143,15 @@ def main() -> None:
     released = min(r["peak_above_kib"] for r in rows["released"]) / 1024
     saving = ordinary - released
     n = rows["ordinary"][0]["n_params"]
-    print(f"GPT-like: {n / 1e6:.1f}M params, gradients {grad_mib:.1f} MiB; batch {args.batch} x "
-          f"{args.context} tokens; {args.threads} thread(s); min over {args.rounds} runs")
+    print(
+        f"GPT-like: {n / 1e6:.1f}M params, gradients {grad_mib:.1f} MiB; batch {args.batch} x "
+        f"{args.context} tokens; {args.threads} thread(s); min over {args.rounds} runs"
+    )
     print(f"peak above the pre-step RSS, ordinary step: {ordinary:8.1f} MiB")
     print(f"peak above the pre-step RSS, released:      {released:8.1f} MiB")
-    print(f"saving: {saving:.1f} MiB = {saving / grad_mib:.0%} of the gradients' bytes "
-          f"(goal >= 80%)")
+    print(
+        f"saving: {saving:.1f} MiB = {saving / grad_mib:.0%} of the gradients' bytes (goal >= 80%)"
+    )
 
 
 if __name__ == "__main__":

@@ -55,7 +55,11 @@ def dist(tmp_path_factory) -> Path:
 
 def _shipped_files() -> list[str]:
     """Package files that are not Python and must ship: C++ sources and the datasets."""
-    files = [*PACKAGE.rglob("*.cpp"), *PACKAGE.rglob("*.h"), *(PACKAGE / "tasks" / "data").iterdir()]
+    files = [
+        *PACKAGE.rglob("*.cpp"),
+        *PACKAGE.rglob("*.h"),
+        *(PACKAGE / "tasks" / "data").iterdir(),
+    ]
     return sorted(str(p.relative_to(PACKAGE.parent)) for p in files if p.is_file())
 
 
@@ -92,15 +96,31 @@ def test_wheel_installs_in_a_fresh_venv_builds_the_kernel_and_steps(dist, tmp_pa
     python = env_dir / "bin" / "python"
     site = subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True, text=True, check=True, env=_clean_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+        env=_clean_env(),
     ).stdout.strip()
     # torch and numpy from the running environment, after the venv's own site-packages
     torch_site = Path(torch.__file__).resolve().parents[1]
     Path(site, "outer_torch.pth").write_text(f"{torch_site}\n")
     install = subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
-         "--no-index", "--no-cache-dir", str(wheel)],
-        capture_output=True, text=True, timeout=300, env=_clean_env(),
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--no-cache-dir",
+            str(wheel),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_clean_env(),
     )
     assert install.returncode == 0, (install.stdout + install.stderr)[-3000:]
 
@@ -131,13 +151,18 @@ def test_wheel_installs_in_a_fresh_venv_builds_the_kernel_and_steps(dist, tmp_pa
     """
     result = subprocess.run(
         [str(python), "-c", textwrap.dedent(code)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env=_clean_env(LIONOPT_CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="1"),
         cwd=tmp_path,
     )
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
     cli = subprocess.run(
-        [str(env_dir / "bin" / "lionopt"), "--help"], capture_output=True, text=True,
-        timeout=120, env=_clean_env(),
+        [str(env_dir / "bin" / "lionopt"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_clean_env(),
     )
     assert cli.returncode == 0 and "compare" in cli.stdout, cli.stderr[-2000:]

@@ -67,8 +67,10 @@ def adamw_to_lion(
             state[index] = {"exp_avg": old["exp_avg"]}
     for i, (group, saved) in enumerate(zip(groups, saved_groups)):
         chosen = hparams[i] if isinstance(hparams, list) else hparams
-        translated = dict(chosen) if chosen is not None else from_adamw(
-            float(saved["lr"]), float(saved.get("weight_decay", 0.0)), factor
+        translated = (
+            dict(chosen)
+            if chosen is not None
+            else from_adamw(float(saved["lr"]), float(saved.get("weight_decay", 0.0)), factor)
         )
         group["lr"] = translated["lr"]
         group["weight_decay"] = translated["weight_decay"]

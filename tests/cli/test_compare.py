@@ -138,7 +138,9 @@ def test_same_init_and_batches_for_every_row(monkeypatch):
     assert {k: len(v) for k, v in groups.items() if k[0] == "val"} == {("val", 0): 4, ("val", 1): 4}
     for runs in groups.values():
         for other in runs[1:]:
-            assert all(torch.equal(x, y) for x, y in zip(runs[0]["init"], other["init"], strict=True))
+            assert all(
+                torch.equal(x, y) for x, y in zip(runs[0]["init"], other["init"], strict=True)
+            )
             assert all(
                 torch.equal(x, y) for x, y in zip(runs[0]["batches"], other["batches"], strict=True)
             )
@@ -179,7 +181,7 @@ def test_decay_groups_in_the_protocol():
     assert run.hparams["weight_decay"] == 0.5 and run.error is None
 
 
-USER_TASKS = '''
+USER_TASKS = """
 import math
 import torch
 from torch import nn
@@ -219,7 +221,7 @@ nan_metric = TensorTask(name="nanmetric", model=lambda: nn.Linear(6, 2), train=(
                         val=(X, Y), loss=nn.functional.cross_entropy,
                         metric=lambda out, y: math.nan, steps=8, batch_size=32)
 not_a_task = 3
-'''
+"""
 
 
 @pytest.fixture

@@ -118,7 +118,9 @@ def test_trainer_torch_compile_flag_trains_with_lion(tmp_path, caplog):
     model = TinyRegressor()
     start = [p.detach().clone() for p in model.parameters()]
     trainer = transformers.Trainer(
-        model=model, args=args, train_dataset=Pairs(),
+        model=model,
+        args=args,
+        train_dataset=Pairs(),
         optimizer_cls_and_kwargs=(lionopt.Lion, dict(LION_KWARGS)),
     )
     with caplog.at_level("WARNING"):

@@ -31,8 +31,9 @@ def _train(model, opt, batches):
 
 def _batches(n):
     g = torch.Generator().manual_seed(4)
-    return [(torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g))
-            for _ in range(n)]
+    return [
+        (torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(n)
+    ]
 
 
 def test_register_names_and_classes():
@@ -67,7 +68,10 @@ def test_create_optimizer_v2_steps_like_lion_with_timms_groups(tmp_path):
     decay = [p for p in ref.parameters() if p.ndim > 1]
     ref_opt = lionopt.Lion(
         [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": 0.2}],
-        lr=1e-3, betas=(0.95, 0.98), foreach=False, fused=False,
+        lr=1e-3,
+        betas=(0.95, 0.98),
+        foreach=False,
+        fused=False,
     )
     _train(ref, ref_opt, batches)
     for p, q in zip(model.parameters(), ref.parameters()):

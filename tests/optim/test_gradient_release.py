@@ -30,8 +30,10 @@ def _model(dtype=torch.float32) -> nn.Module:
 
 def _batches(n, dtype=torch.float32):
     g = torch.Generator().manual_seed(7)
-    return [(torch.randn(4, 5, generator=g).to(dtype), torch.randn(4, 3, generator=g).to(dtype))
-            for _ in range(n)]
+    return [
+        (torch.randn(4, 5, generator=g).to(dtype), torch.randn(4, 3, generator=g).to(dtype))
+        for _ in range(n)
+    ]
 
 
 def _loss(model, x, y):
@@ -98,8 +100,9 @@ def test_float64_against_lion_written_out():
     """Released Lion in float64 against the rule written out here, many steps, decay > 0."""
     lr, b1, b2, wd = 3e-3, 0.9, 0.99, 0.2
     model = _model(torch.float64)
-    opt = lionopt.Lion(model.parameters(), lr=lr, betas=(b1, b2), weight_decay=wd,
-                       step_in_backward=True)
+    opt = lionopt.Lion(
+        model.parameters(), lr=lr, betas=(b1, b2), weight_decay=wd, step_in_backward=True
+    )
     theta = [p.detach().clone() for p in model.parameters()]
     moms = [torch.zeros_like(t) for t in theta]
     ref = _model(torch.float64)
@@ -131,8 +134,9 @@ def test_resume_through_state_dict_equals_uninterrupted():
 
     resumed = _model()
     resumed.load_state_dict(saved["model"])
-    resumed_opt = lionopt.Lion(resumed.parameters(), lr=1e-2, weight_decay=0.1,
-                               step_in_backward=True)
+    resumed_opt = lionopt.Lion(
+        resumed.parameters(), lr=1e-2, weight_decay=0.1, step_in_backward=True
+    )
     resumed_opt.load_state_dict(saved["opt"])
     _train(resumed, resumed_opt, batches[3:], released=True)
     for p, q in zip(model.parameters(), resumed.parameters()):

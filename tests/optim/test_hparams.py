@@ -242,7 +242,9 @@ def test_calibrate_matches_adamw_written_out_and_leaves_the_model_alone() -> Non
     assert torch.equal(torch.get_rng_state(), rng_before)
     # fewer batches than steps: uses what there is
     short = hparams.adamw_update_rms(model, mse, batches[:5], 1e-2, 0.1, steps=100)
-    assert short == pytest.approx(reference_adamw_update_rms(model, batches, 1e-2, 0.1, 5), rel=1e-5)
+    assert short == pytest.approx(
+        reference_adamw_update_rms(model, batches, 1e-2, 0.1, 5), rel=1e-5
+    )
 
 
 def test_calibrate_rejects_bad_input() -> None:
@@ -254,7 +256,9 @@ def test_calibrate_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="Invalid steps"):
         hparams.calibrate(model, mse, regression_batches(2), 1e-3, 0.1, steps=0)
     with pytest.raises(ValueError, match="the loss is nan"):
-        hparams.calibrate(model, lambda m, b: mse(m, b) * math.nan, regression_batches(2), 1e-3, 0.0)
+        hparams.calibrate(
+            model, lambda m, b: mse(m, b) * math.nan, regression_batches(2), 1e-3, 0.0
+        )
 
 
 class Tiny(nn.Module):

@@ -93,9 +93,7 @@ def test_adamw_to_lion_continues_with_adamw_momentum_and_translated_hparams():
         sched.step()
     moments = [adamw.state[p]["exp_avg"].clone() for p in model.parameters()]
 
-    lion = lionopt.Lion(
-        [{"params": decay}, {"params": no_decay}], lr=1.0, betas=(0.95, 0.98)
-    )
+    lion = lionopt.Lion([{"params": decay}, {"params": no_decay}], lr=1.0, betas=(0.95, 0.98))
     adamw_to_lion(adamw, lion)
     for group, old in zip(lion.param_groups, adamw.param_groups):
         assert group["lr"] == pytest.approx(old["lr"] / 3)

@@ -64,7 +64,9 @@ class LionFamily(Optimizer):
             defaults["momentum_dtype"] = normalize_momentum_dtype(defaults["momentum_dtype"])
         self.validate_group(defaults)
         if not isinstance(step_in_backward, bool):
-            raise ValueError(f"Invalid step_in_backward value: {step_in_backward!r}; expected a bool")
+            raise ValueError(
+                f"Invalid step_in_backward value: {step_in_backward!r}; expected a bool"
+            )
         self._release = GradientRelease(self) if step_in_backward else None
         try:
             super().__init__(params, defaults)

@@ -35,9 +35,7 @@ FOREIGN_STATE_KEYS = (
 def check_not_foreign(optimizer: Any, state_dict: dict[str, Any]) -> None:
     """ValueError when ``state_dict`` was not written by a Lion-family optimizer."""
     name = type(optimizer).__name__
-    hint = (
-        "; to switch from AdamW on purpose, use lionopt.convert.adamw_to_lion(adamw, lion)"
-    )
+    hint = "; to switch from AdamW on purpose, use lionopt.convert.adamw_to_lion(adamw, lion)"
     for index, group in enumerate(state_dict.get("param_groups", [])):
         found = [key for key in FOREIGN_GROUP_KEYS if key in group]
         if found:
