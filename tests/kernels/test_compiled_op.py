@@ -69,3 +69,21 @@ def test_groups_the_op_does_not_take_trace_through_foreach(kernel_calls) -> None
         compiled()
     assert kernel_calls == []
     assert opt.state[params[0]]["exp_avg"].dtype == torch.int8
+
+
+def test_compiled_step_takes_a_one_element_tensor_lr(kernel_calls) -> None:
+    """``lr=torch.tensor([x])`` is one lr for the whole group, compiled as in eager."""
+    params, twins = _params(2), _params(2)
+    opt = Lion(params, lr=torch.tensor([1e-2]), weight_decay=0.5)
+    ref = Lion(twins, lr=1e-2, weight_decay=0.5, foreach=True)
+    compiled = torch.compile(opt.step, backend="aot_eager", fullgraph=True)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(2):
+        for p, q in zip(params, twins):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        compiled()
+        ref.step()
+    assert kernel_calls == [3] * 2
+    for p, q in zip(params, twins):
+        assert torch.equal(p, q)

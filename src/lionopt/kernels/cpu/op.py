@@ -70,6 +70,7 @@ def compiled_step(group: TensorGroup, hyper: LionHyper) -> bool:
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
             return False
+        lr = lr.reshape(())  # a shape-(1,) lr is one lr for every tensor, not a per-tensor list
     elif isinstance(lr, (int, float)):
         lr = torch.tensor(float(lr), dtype=torch.float64)
     else:
