@@ -22,14 +22,17 @@ def state_bytes(optimizer: Optimizer) -> int:
     seen: set[int] = set()
     total = 0
     for state in optimizer.state.values():
-        for value in state.values():
-            if not isinstance(value, Tensor):
-                continue
-            storage = value.untyped_storage()
-            if storage.data_ptr() in seen:
-                continue
-            seen.add(storage.data_ptr())
-            total += storage.nbytes()
+        for entry in state.values():
+            # a list of tensors: e.g. the per-worker momenta of a simulated Distributed Lion
+            values = entry if isinstance(entry, (list, tuple)) else (entry,)
+            for value in values:
+                if not isinstance(value, Tensor):
+                    continue
+                storage = value.untyped_storage()
+                if storage.data_ptr() in seen:
+                    continue
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
     return total
 
 

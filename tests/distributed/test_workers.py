@@ -29,6 +29,8 @@ def test_one_worker_voting_is_global_lion(digits):
         assert run.history == lion.history, method
     mavo4 = train_workers(task, data, plan, "mavo", 4, evals=3)
     assert mavo4.history["val_loss"] != lion.history["val_loss"]
+    # a worker holds one fp32 momentum, as global Lion does: the report's state bytes agree
+    assert mavo4.state_bytes == lion.state_bytes > 0
     assert set(METHODS) == {"lion", "mavo", "avg", "adamw"}
 
 

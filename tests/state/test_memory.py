@@ -51,3 +51,10 @@ def test_max_params_formula():
     # weights + grads in fp32 (8 B) + AdamW's 8 B = 16 B/param: 24 GiB holds 1.61e9
     assert max_params(24 * GIB, 4, 8.0) == 24 * GIB // 16
     assert max_params(80 * GIB, 2, 1.0) == int(80 * GIB // 5)
+
+
+def test_state_bytes_counts_tensors_held_in_lists() -> None:
+    p = torch.nn.Parameter(torch.zeros(10))
+    opt = torch.optim.SGD([p], lr=0.1)
+    opt.state[p] = {"exp_avg": [torch.zeros(10), torch.zeros(10)], "step": 3}
+    assert state_bytes(opt) == 2 * 10 * 4

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from lionopt.distributed.simulate import SimulatedDistributedLion
 from lionopt.hparams import DEFAULT_FACTOR, from_adamw
+from lionopt.memory import state_bytes
 from lionopt.tasks.protocol import (
     RunResult,
     eval_steps,
@@ -112,7 +113,8 @@ def train_workers(
         best_metric=best,
         final_val_loss=None if diverged else history["val_loss"][-1],
         diverged=diverged,
-        state_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+        # one worker's optimizer state (its momentum), as a rank would hold it
+        state_bytes=state_bytes(optimizer) // workers,
         param_count=sum(p.numel() for p in model.parameters()),
         optimizer_step_ms=None,  # step() includes the workers' forward and backward passes
         train_step_ms=1000 * step_time / max(1, plan.steps),
